@@ -1,0 +1,1 @@
+"""cpl_fast.models"""

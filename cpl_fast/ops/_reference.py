@@ -1,0 +1,49 @@
+"""Plain-PyTorch oracles of cpl_fast's ops.
+
+Tests, benchmarks and the ONNX export import these; every fast backend must agree with them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def prompt_mix_reference(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                         size: tuple[int, int]) -> torch.Tensor:
+    """``out[b] = sum_j weights[b, j] * bilinear(bank[indices[b, j]], size)``.
+
+    Gathers the ``k`` selected experts, mixes them at the bank's resolution, then resizes once
+    (bilinear resize is linear, so mixing before or after it is the same function).
+    bank ``(n, C, S, S')``, indices ``(B, k)`` int64, weights ``(B, k)`` -> ``(B, C, H, W)``.
+    """
+    selected = bank[indices]                                     # (B, k, C, S, S')
+    mixed = torch.einsum("bk,bkchw->bchw", weights.to(bank.dtype), selected)
+    return F.interpolate(mixed, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def prompt_mix_materialized(bank: torch.Tensor, probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The published implementations' dense prompt: repeat the bank per sample, scale, sum, resize.
+
+    Kept as the baseline the benchmarks compare against (it allocates ``B x n x C x S x S``).
+    """
+    batch = probs.shape[0]
+    scaled = probs[:, :, None, None, None] * bank.unsqueeze(0).repeat(batch, 1, 1, 1, 1)
+    return F.interpolate(scaled.sum(1), size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def cpr_distances_reference(f_pos: torch.Tensor, f_gt: torch.Tensor, f_neg: torch.Tensor,
+                            neg_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample contrastive distances of one feature layer.
+
+    ``l_pos[b] = mean((f_pos[b] - f_gt[b])**2)`` and
+    ``l_neg[b] = (1/m) sum_t w[b, t] * mean((f_neg[t, b] - f_pos[b])**2)`` with ``w = 1`` when
+    ``neg_weights`` is None. Shapes: f_pos, f_gt ``(B, ...)``; f_neg ``(m, B, ...)``;
+    neg_weights ``(B, m)``. Returns ``(l_pos, l_neg)``, each ``(B,)``.
+    """
+    batch = f_pos.shape[0]
+    m = f_neg.shape[0]
+    l_pos = (f_pos - f_gt).pow(2).reshape(batch, -1).mean(1)
+    d_neg = (f_neg - f_pos.unsqueeze(0)).pow(2).reshape(m, batch, -1).mean(2)     # (m, B)
+    if neg_weights is not None:
+        d_neg = d_neg * neg_weights.t().to(d_neg.dtype)
+    return l_pos, d_neg.mean(0)
