@@ -1,15 +1,25 @@
 """cpl_fast's fused ops: one Python entry point each, several backends behind it."""
-from cpl_fast.ops._reference import cpr_distances_reference, prompt_mix_reference
+from __future__ import annotations
+
+import torch
+
+from cpl_fast.ops import cpr_distances as _cpr_distances_module
+from cpl_fast.ops import prompt_mix as _prompt_mix_module
+from cpl_fast.ops._reference import cpr_distances_reference, prompt_mix_materialized, prompt_mix_reference
+from cpl_fast.ops.cpr_distances import cpr_distances
+from cpl_fast.ops.prompt_mix import prompt_mix
+
+DISPATCHERS = {
+    "prompt_mix": _prompt_mix_module.DISPATCHER,
+    "cpr_distances": _cpr_distances_module.DISPATCHER,
+}
 
 
-def prompt_mix(bank, indices, weights, size, backend="auto"):
-    """Sparse prompt mix: ``out[b] = sum_j weights[b, j] * bilinear(bank[indices[b, j]], size)``."""
-    return prompt_mix_reference(bank, indices, weights, size)
+def available_backends(device: torch.device | str = "cpu") -> dict[str, dict[str, list[str]]]:
+    """For every op and backend, why it cannot run on ``device`` (an empty list: available)."""
+    device = torch.device(device)
+    return {op: dispatcher.report(device) for op, dispatcher in DISPATCHERS.items()}
 
 
-def cpr_distances(f_pos, f_gt, f_neg, neg_weights=None, backend="auto"):
-    """Per-sample ``(L_pos, L_neg)`` of one feature layer (see ``cpr_distances_reference``)."""
-    return cpr_distances_reference(f_pos, f_gt, f_neg, neg_weights)
-
-
-__all__ = ["prompt_mix", "cpr_distances", "prompt_mix_reference", "cpr_distances_reference"]
+__all__ = ["prompt_mix", "cpr_distances", "available_backends", "prompt_mix_reference",
+           "prompt_mix_materialized", "cpr_distances_reference"]

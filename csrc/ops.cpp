@@ -1,0 +1,24 @@
+// Every schema of the cpl_fast:: namespace, in one place. Kernels register themselves per device
+// in csrc/<op>/{cpu,cuda}/; fake kernels and autograd are registered from Python
+// (cpl_fast/ops/<op>.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// The module only has to be importable: `import cpl_fast._C` runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(cpl_fast, m) {
+  // out[b, c] = sum_j weights[b, j] * bilinear(bank[indices[b, j], c], (height, width))
+  m.def("prompt_mix(Tensor bank, Tensor indices, Tensor weights, SymInt height, SymInt width) -> Tensor");
+  // -> (grad_bank, grad_weights)
+  m.def("_prompt_mix_backward(Tensor grad_out, Tensor bank, Tensor indices, Tensor weights) -> (Tensor, Tensor)");
+  // -> (l_pos, l_neg), each (B,)
+  m.def("cpr_distances(Tensor f_pos, Tensor f_gt, Tensor f_neg, Tensor? neg_weights) -> (Tensor, Tensor)");
+  // -> (grad_f_pos, grad_f_gt, grad_f_neg)
+  m.def(
+      "_cpr_distances_backward(Tensor grad_l_pos, Tensor grad_l_neg, Tensor f_pos, Tensor f_gt, Tensor f_neg, "
+      "Tensor? neg_weights) -> (Tensor, Tensor, Tensor)");
+}
