@@ -69,10 +69,12 @@ class PerceptualFeatures(nn.Module):
         if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"expected an image batch (B, 3, H, W), got shape {tuple(image.shape)}")
         x = (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        tapped = set(self._tap_positions)
         outputs: dict[int, torch.Tensor] = {}
         for position, stage in enumerate(self.features):
             x = stage(x)
-            outputs[position] = x
+            if position in tapped:
+                outputs[position] = x
         return [outputs[position] for position in self._tap_positions]
 
     @classmethod
