@@ -21,14 +21,18 @@ class TinyPromptNet(nn.Module):
     def __init__(self, channels: int = 4, num_prompts: int = 5, top_k: int | None = 1, levels: int = 2,
                  seed: int = 0) -> None:
         super().__init__()
-        torch.manual_seed(seed)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self._build(channels, num_prompts, top_k, levels)
+        self.calls = 0
+
+    def _build(self, channels: int, num_prompts: int, top_k: int | None, levels: int) -> None:
         self.num_prompt_levels, self.num_prompts, self.top_k = levels, num_prompts, top_k
         self.stem = nn.Conv2d(3, channels, 3, padding=1)
         self.routers = nn.ModuleList(nn.Linear(channels, num_prompts) for _ in range(levels))
         self.banks = nn.ParameterList(nn.Parameter(torch.randn(num_prompts, channels)) for _ in range(levels))
         self.convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(levels))
         self.head = nn.Conv2d(channels, 3, 3, padding=1)
-        self.calls = 0
 
     def encode(self, x):
         return x, torch.tanh(self.stem(x))
@@ -60,7 +64,8 @@ class TinyPromptNet(nn.Module):
 def make_batch(batch=3, size=8, seed=0, tasks=None):
     g = torch.Generator().manual_seed(seed)
     target = torch.rand(batch, 3, size, size, generator=g, dtype=torch.float64)
-    degraded = (target + 0.2 * torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)).clamp(0, 1)
+    noise = torch.randn(batch, 3, size, size, generator=g, dtype=torch.float64)
+    degraded = (target + 0.2 * noise).clamp(0, 1)
     return degraded, target, tasks
 
 
@@ -96,12 +101,13 @@ def test_literal_equals_loop(features, form, top_k, weighted):
     with torch.no_grad():
         _, routing = model(batch[0], return_routing=True)
     negatives = sampler(routing, 3, generator=torch.Generator().manual_seed(0))
-    neg_weights = torch.rand(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) if weighted \
-        else None
+    g = torch.Generator().manual_seed(1)
+    neg_weights = torch.rand(3, 3, dtype=torch.float64, generator=g) if weighted else None
     loss = CPRLoss(alpha=0.5, form=form)
     literal = literal_cpl_step(model, batch, features, loss, sampler, m=3, negatives=negatives,
                                neg_weights=neg_weights)
-    loop = loop_cpl_step(model, batch, features, loss, sampler, m=3, negatives=negatives, neg_weights=neg_weights)
+    loop = loop_cpl_step(model, batch, features, loss, sampler, m=3, negatives=negatives,
+                         neg_weights=neg_weights)
     assert literal.negatives is negatives and loop.negatives is negatives
     assert_same_step(literal, loop, model)
 
@@ -113,7 +119,8 @@ def test_literal_step_is_algorithm_1(features):
     sampler = MismatchedExperts(model.num_prompts)
     loss = CPRLoss(alpha=0.25, layer_weights=[0.5, 2.0])
     model.calls = 0
-    out = literal_cpl_step(model, batch, features, loss, sampler, m=2, generator=torch.Generator().manual_seed(3))
+    out = literal_cpl_step(model, batch, features, loss, sampler, m=2,
+                           generator=torch.Generator().manual_seed(3))
     assert model.calls == 2 * (1 + 2)
     model.calls = 0
     loop_cpl_step(model, batch, features, loss, sampler, m=2, negatives=out.negatives)
@@ -124,8 +131,8 @@ def test_literal_step_is_algorithm_1(features):
         for b in range(2):
             x, y = degraded[b:b + 1], target[b:b + 1]
             positive = model(x)
-            negative_images = [model(x, routing=[Routing(r.indices[b:b + 1], r.weights[b:b + 1]) for r in neg])
-                               for neg in out.negatives]
+            negative_images = [model(x, routing=[Routing(r.indices[b:b + 1], r.weights[b:b + 1])
+                                                 for r in neg]) for neg in out.negatives]
             reg = 0.0
             for weight, f_pos, f_gt, f_negs in zip([0.5, 2.0], features(positive), features(y),
                                                     zip(*[features(image) for image in negative_images])):
@@ -181,7 +188,8 @@ def test_clear_errors(features, step):
     with pytest.raises(ValueError, match="prompt levels"):
         step(model, batch, features, CPRLoss(), sampler, m=2, negatives=[neg[:1] for neg in negatives])
     with pytest.raises(ValueError, match="neg_weights"):
-        step(model, batch, features, CPRLoss(), sampler, m=2, negatives=negatives, neg_weights=torch.ones(2, 3))
+        step(model, batch, features, CPRLoss(), sampler, m=2, negatives=negatives,
+             neg_weights=torch.ones(2, 3))
     with pytest.raises(ValueError, match="need task_ids"):
         step(model, batch, features, CPRLoss(), OtherTask(3), m=2)
     with pytest.raises(ValueError, match="batch sizes differ"):

@@ -81,7 +81,9 @@ def naive_cpr(pos, gt, neg, weights, layer_weights, alpha, form, neg_weights=Non
 
 def random_feats(batch=3, m=2, shapes=((4, 5, 5), (6, 3, 2)), seed=0, requires_grad=False):
     g = torch.Generator().manual_seed(seed)
-    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(requires_grad)  # noqa: E731
+    def make(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
+
     pos = [make(batch, *s) for s in shapes]
     gt = [torch.randn(batch, *s, generator=g, dtype=torch.float64) for s in shapes]
     neg = [make(m, batch, *s) for s in shapes]
@@ -92,8 +94,8 @@ def random_feats(batch=3, m=2, shapes=((4, 5, 5), (6, 3, 2)), seed=0, requires_g
 @pytest.mark.parametrize("weighted", [False, True])
 def test_matches_naive_definition(form, weighted):
     pos, gt, neg = random_feats()
-    neg_weights = torch.rand(3, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) if weighted \
-        else None
+    g = torch.Generator().manual_seed(1)
+    neg_weights = torch.rand(3, 2, dtype=torch.float64, generator=g) if weighted else None
     loss = CPRLoss(alpha=0.3, form=form, layer_weights=[0.7, 1.9], eps=EPS)
     got = loss(pos, gt, neg, neg_weights).loss
     torch.testing.assert_close(got, naive_cpr(pos, gt, neg, None, [0.7, 1.9], 0.3, form, neg_weights))
@@ -144,7 +146,8 @@ def test_cpl_loss():
     g = torch.Generator().manual_seed(5)
     restored, target = torch.rand(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g)
     terms = CPRTerms(torch.tensor(0.125), torch.zeros(2), torch.zeros(2))
-    expected = sum(abs(a - b) for a, b in zip(restored.flatten().tolist(), target.flatten().tolist())) / 96 + 0.125
+    pairs = zip(restored.flatten().tolist(), target.flatten().tolist())
+    expected = sum(abs(a - b) for a, b in pairs) / 96 + 0.125
     torch.testing.assert_close(cpl_loss(restored, target, terms), torch.tensor(expected))
     with pytest.raises(ValueError, match="differ in shape"):
         cpl_loss(restored, target[:1], terms)

@@ -26,7 +26,8 @@ CPR_FORMS = ("difference", "ratio")
 
 
 class CPRTerms(NamedTuple):
-    """``loss`` (scalar, alpha included); ``l_pos``, ``l_neg`` ``(B,)``: ``sum_l lambda_l L_*_l``, for logging."""
+    """CPR's outputs: ``loss`` (scalar, alpha included), and for logging ``l_pos``, ``l_neg``
+    ``(B,)``, each ``sum_l lambda_l L_*_l``."""
 
     loss: torch.Tensor
     l_pos: torch.Tensor

