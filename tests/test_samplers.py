@@ -144,6 +144,7 @@ def test_other_task_memory_is_a_bounded_ring_buffer():
 def test_other_task_is_reproducible():
     routings = make_routings(8, 5, 2, levels=2, seed=4)
     tasks = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+
     def draw(seed):
         generator = torch.Generator().manual_seed(seed)
         return negative_rows(OtherTask(4)(routings, 3, task_ids=tasks, generator=generator))
