@@ -252,11 +252,13 @@ def test_haze_rejects_bad_depth():
 
 def test_dark_is_a_gamma_curve_with_sampled_gamma_in_range():
     img = _image(17)
-    np.testing.assert_allclose(D.dark(img, make_rng(0), gamma=2.2, quantise_output=False), img ** 2.2, atol=1e-15)
+    out = D.dark(img, make_rng(0), gamma=2.2, quantise_output=False)
+    np.testing.assert_allclose(out, img ** 2.2, atol=1e-15)
     half = np.full((4, 4, 3), 0.5)
     for ood, (lo, hi) in ((False, (1, 3)), (True, (3, 4))):
         for seed in range(6):
-            g = math.log(D.dark(half, make_rng(seed), ood=ood, quantise_output=False)[0, 0, 0]) / math.log(0.5)
+            out = D.dark(half, make_rng(seed), ood=ood, quantise_output=False)
+            g = math.log(out[0, 0, 0]) / math.log(0.5)
             assert lo - 1e-9 <= g <= hi + 1e-9
             assert g == pytest.approx(round(g, 2))
 
@@ -268,7 +270,7 @@ def test_ood_differs_from_in_distribution(name):
     img = _image(18, 64, 64)
     ind = [degrade(img, name, s) for s in range(3)]
     ood = [degrade(img, name, s, ood=True) for s in range(3)]
-    for a, b in zip(ind, ood):
+    for a, b in zip(ind, ood, strict=True):
         assert not np.array_equal(a, b)
     # OOD is stronger on average for every MiOIR degradation.
     err = lambda outs: np.mean([np.abs(o - img).mean() for o in outs])  # noqa: E731

@@ -222,7 +222,7 @@ def blur(img: np.ndarray, rng: np.random.Generator, *, kernel_size: int | None =
 
 def noise(img: np.ndarray, rng: np.random.Generator, *, sigma: float | None = None, ood: bool = False,
           quantise_output: bool = True) -> np.ndarray:
-    """MiOIR's colour Gaussian noise: sigma = round(U(15, 50)) (OOD: U(50, 70)) on the 0-255 scale, clipped."""
+    """MiOIR's colour Gaussian noise, clipped; sigma = round(U(15, 50)) (OOD: U(50, 70)), 0-255 scale."""
     check_image(img)
     ranges = _range_set("noise", ood)
     if sigma is None:
@@ -289,7 +289,8 @@ def streak_kernel(length: int, angle: float, width: int) -> np.ndarray:
     x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
     fx, fy = sx - x0, sy - y0
     kernel = np.zeros((length, length))
-    for dy, dx, wgt in ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy)):
+    corners = ((0, 0, (1 - fx) * (1 - fy)), (0, 1, fx * (1 - fy)), (1, 0, (1 - fx) * fy), (1, 1, fx * fy))
+    for dy, dx, wgt in corners:
         yy, xx = y0 + dy, x0 + dx
         inside = (yy >= 0) & (yy < length) & (xx >= 0) & (xx < length)
         kernel[inside] += wgt[inside] * src[yy[inside], xx[inside]]
@@ -352,7 +353,8 @@ def synthetic_depth(height: int, width: int, rng: np.random.Generator) -> np.nda
         raise ValueError(f"depth size must be positive, got {height}x{width}")
     ramp = 1.0 - 0.8 * (np.arange(height, dtype=np.float64) / max(height - 1, 1))
     grid = rng.uniform(0.0, 1.0, (4, 4)).astype(np.float32)
-    field = np.asarray(Image.fromarray(grid, mode="F").resize((width, height), Image.BICUBIC), dtype=np.float64)
+    field = Image.fromarray(grid, mode="F").resize((width, height), Image.BICUBIC)
+    field = np.asarray(field, dtype=np.float64)
     depth = np.clip(0.7 * ramp[:, None] + 0.3 * field, 0.05, None)
     return depth / depth.max()
 
@@ -422,7 +424,8 @@ def make_rng(seed: int | Sequence[int]) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(v) for v in values]))
 
 
-def degrade(img: np.ndarray, name: str, seed: int | Sequence[int], ood: bool = False, **params: Any) -> np.ndarray:
+def degrade(img: np.ndarray, name: str, seed: int | Sequence[int], ood: bool = False,
+            **params: Any) -> np.ndarray:
     """Apply the registered degradation ``name`` with a generator seeded by ``seed``.
 
     Parameters not given in ``params`` are drawn from the in-distribution set (``ood=False``) or
