@@ -164,7 +164,7 @@ def test_literal_equals_loop_on_the_tiny_preset(features):
     if not hasattr(models, "build_model"):
         pytest.skip("cpl_fast.models has no build_model")
     model = models.build_model("tiny").double()
-    batch = make_batch(batch=2, size=16, seed=4)
+    batch = make_batch(batch=2, size=8, seed=4)
     sampler = MismatchedExperts(model.num_prompts)
     with torch.no_grad():
         _, routing = model(batch[0], return_routing=True)
