@@ -1,0 +1,170 @@
+"""Load published PromptIR / CPL checkpoints and cpl_fast's own; save model weights atomically.
+
+Accepted layouts (detected from the content, never from guesses about values):
+
+* PromptIR's Lightning ``.ckpt``: ``{'state_dict': {'net.<key>': ...}, ...}``;
+* CPL's BasicSR ``.pth``: ``{'params': ..., 'params_ema': ...}`` (the EMA weights when present);
+* cpl_fast's torch files ``{'model': state_dict, ...}`` and ``*.safetensors`` model states;
+* a plain state dict, with or without DDP's ``module.`` (or ``torch.compile``'s ``_orig_mod.``) prefix.
+
+Published prompt banks are ``(1, n, C, S, S)``; ours are ``(n, C, S, S)``, so they are reshaped.
+The six 1x1 convolutions the published PromptIR builds but never uses are dropped and reported.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+# Built by the published PromptIR class, never used in its forward.
+UNUSED_OFFICIAL_KEYS = frozenset({
+    "chnl_reduce1.weight", "chnl_reduce2.weight", "chnl_reduce3.weight",
+    "reduce_noise_channel_1.weight", "reduce_noise_channel_2.weight", "reduce_noise_channel_3.weight",
+})
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class LoadReport:
+    """What ``load_checkpoint`` found and did."""
+
+    source: str                                   # the file, or "<state dict>"
+    layout: str                                   # lightning | basicsr:params_ema | basicsr:params | cpl_fast | plain
+    loaded_keys: list[str] = field(default_factory=list)
+    missing_keys: list[str] = field(default_factory=list)       # in the model, not in the checkpoint
+    unexpected_keys: list[str] = field(default_factory=list)    # in the checkpoint, not in the model
+    ignored_keys: list[str] = field(default_factory=list)       # the published, unused convolutions
+    reshaped_keys: list[str] = field(default_factory=list)      # (1, n, C, S, S) prompt banks
+
+
+def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+                    strict: bool = True) -> LoadReport:
+    """Load weights into ``model`` from any supported checkpoint; returns a ``LoadReport``.
+
+    Nothing is loaded unless every shared key has the model's shape (ValueError listing the
+    offenders) and, with ``strict``, the key sets agree (ValueError listing missing/unexpected keys).
+    Unreadable files raise ValueError naming the file.
+    """
+    if isinstance(path_or_state_dict, Mapping):
+        source, raw = "<state dict>", path_or_state_dict
+    elif isinstance(path_or_state_dict, (str, os.PathLike)):
+        source, raw = str(path_or_state_dict), _read(Path(path_or_state_dict))
+    else:
+        raise TypeError(f"load_checkpoint: expected a path or a state dict, got {type(path_or_state_dict).__name__}")
+    layout, state = _unwrap(raw, source)
+    report = LoadReport(source=source, layout=layout)
+
+    expected = model.state_dict()
+    adapted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = _strip_wrappers(key)
+        if key in UNUSED_OFFICIAL_KEYS and key not in expected:
+            report.ignored_keys.append(key)
+            continue
+        if (key.endswith("prompt_param") and key in expected and value.dim() == 5 and value.shape[0] == 1
+                and expected[key].dim() == 4):
+            value = value.squeeze(0)
+            report.reshaped_keys.append(key)
+        adapted[key] = value
+
+    report.missing_keys = [key for key in expected if key not in adapted]
+    report.unexpected_keys = [key for key in adapted if key not in expected]
+    mismatched = [f"{key}: checkpoint {tuple(adapted[key].shape)} vs model {tuple(expected[key].shape)}"
+                  for key in adapted if key in expected and adapted[key].shape != expected[key].shape]
+    if mismatched:
+        raise ValueError(f"load_checkpoint({source}): {len(mismatched)} tensor(s) have the wrong shape:\n  "
+                         + "\n  ".join(mismatched))
+    if strict and (report.missing_keys or report.unexpected_keys):
+        raise ValueError(f"load_checkpoint({source}, strict=True): keys disagree with the model "
+                         f"({layout} layout)\n  missing: {_summary(report.missing_keys)}\n"
+                         f"  unexpected: {_summary(report.unexpected_keys)}")
+    model.load_state_dict({key: adapted[key] for key in adapted if key in expected}, strict=False)
+    report.loaded_keys = [key for key in adapted if key in expected]
+    return report
+
+
+def save_model_state(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s state dict to a safetensors file atomically (temp file + ``os.replace``).
+
+    A crash mid-write leaves the previous file intact, never a truncated one.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"save_model_state: the file name must end in .safetensors, got {path.name}")
+    tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": "cpl_fast", "model": type(model).__name__, **(metadata or {})})
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _read(path: Path) -> Mapping[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"load_checkpoint: no such file: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt/truncated files fail in many library-specific ways
+        raise ValueError(f"load_checkpoint: cannot read {path} as a checkpoint "
+                         f"({type(err).__name__}: {err})") from err
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"load_checkpoint: {path} holds a {type(obj).__name__}, not a checkpoint dictionary")
+    return obj
+
+
+def _unwrap(obj: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, torch.Tensor]]:
+    """Find the model's state dict inside a checkpoint; returns ``(layout, state_dict)``."""
+    if isinstance(obj.get("state_dict"), Mapping):
+        state = obj["state_dict"]
+        # Lightning prefixes the wrapped network's attribute name ('net' in PromptIR's module).
+        return "lightning", {key.removeprefix("net."): value for key, value in state.items()}
+    for name in ("params_ema", "params"):
+        if isinstance(obj.get(name), Mapping):
+            return f"basicsr:{name}", _tensors(obj[name], source)
+    if isinstance(obj.get("model"), Mapping):
+        return "cpl_fast", _tensors(obj["model"], source)
+    if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
+        return "plain", obj
+    raise ValueError(f"load_checkpoint: {source} is not a recognised checkpoint: expected a state dict or a "
+                     f"dictionary with 'state_dict', 'params_ema', 'params' or 'model'; top-level keys: "
+                     f"{_summary(list(obj))}")
+
+
+def _tensors(state: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor]:
+    bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+    if bad:
+        raise ValueError(f"load_checkpoint: {source}: entries that are not tensors: {_summary(bad)}")
+    return state
+
+
+def _strip_wrappers(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _summary(keys: list[str], limit: int = 12) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

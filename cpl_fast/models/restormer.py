@@ -1,0 +1,139 @@
+"""Restormer building blocks, as PromptIR's (and CPL's) published code defines them.
+
+The attribute names mirror the published modules so that their checkpoints load key for key
+(``encoder_level1.0.norm1.body.weight``, ``...attn.qkv_dwconv.weight``, ``...ffn.project_in.weight``).
+Every convolution is bias-free, as in the published ``bias=False`` configuration.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class WithBiasLayerNorm(nn.Module):
+    """Layer norm over the last dimension with a learnt scale and shift (biased variance, eps 1e-5)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = x.var(-1, keepdim=True, unbiased=False)
+        return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
+
+
+class LayerNorm(nn.Module):
+    """Per-pixel layer norm over the channels of a ``(B, C, H, W)`` map.
+
+    The norm itself lives in ``body`` so the parameters are named ``norm1.body.weight`` as in the
+    published checkpoints.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.body = WithBiasLayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)                       # (B, HW, C)
+        return self.body(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+
+class Attention(nn.Module):
+    """Multi-Dconv head transposed attention (MDTA): attention across channels, not pixels.
+
+    Its cost is linear in the number of pixels: the attention matrix is ``(C/heads)^2`` per head.
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+        out = (attn @ v).reshape(b, c, h, w)
+        return self.project_out(out)
+
+
+class FeedForward(nn.Module):
+    """Gated-Dconv feed-forward network (GDFN): ``project_out(gelu(x1) * x2)``."""
+
+    def __init__(self, dim: int, ffn_expansion_factor: float) -> None:
+        super().__init__()
+        hidden = int(dim * ffn_expansion_factor)
+        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=False)
+        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        return self.project_out(F.gelu(x1) * x2)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm Restormer block: ``x + attn(norm1(x))``, then ``x + ffn(norm2(x))``."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_expansion_factor: float) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = LayerNorm(dim)
+        self.ffn = FeedForward(dim, ffn_expansion_factor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3x3 convolution from the image channels to the model width."""
+
+    def __init__(self, in_channels: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class Downsample(nn.Module):
+    """Halve the resolution, double the channels: conv ``n -> n/2`` then pixel-unshuffle by 2."""
+
+    def __init__(self, n_feat: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(n_feat, n_feat // 2, kernel_size=3, padding=1, bias=False),
+                                  nn.PixelUnshuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class Upsample(nn.Module):
+    """Double the resolution, halve the channels: conv ``n -> 2n`` then pixel-shuffle by 2."""
+
+    def __init__(self, n_feat: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(n_feat, n_feat * 2, kernel_size=3, padding=1, bias=False),
+                                  nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def transformer_stage(dim: int, num_heads: int, num_blocks: int, ffn_expansion_factor: float) -> nn.Sequential:
+    """``num_blocks`` Restormer blocks in a row (an encoder, decoder, latent or refinement stage)."""
+    return nn.Sequential(*[TransformerBlock(dim, num_heads, ffn_expansion_factor) for _ in range(num_blocks)])
