@@ -16,7 +16,8 @@ REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "prom
 # Shapes of the published, never-used 1x1 convolutions at dim=48 (as listed in the reference file).
 UNUSED_SHAPES = {"chnl_reduce1.weight": (64, 64, 1, 1), "chnl_reduce2.weight": (128, 128, 1, 1),
                  "chnl_reduce3.weight": (256, 320, 1, 1), "reduce_noise_channel_1.weight": (48, 112, 1, 1),
-                 "reduce_noise_channel_2.weight": (96, 224, 1, 1), "reduce_noise_channel_3.weight": (192, 448, 1, 1)}
+                 "reduce_noise_channel_2.weight": (96, 224, 1, 1),
+                 "reduce_noise_channel_3.weight": (192, 448, 1, 1)}
 
 
 def randomised(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -69,7 +70,7 @@ def test_lightning_checkpoint(tmp_path, cpl_state, cpl_model):
     report = load_checkpoint(cpl_model, path)
     assert report.layout == "lightning" and report.source == str(path)
     assert sorted(report.ignored_keys) == sorted(UNUSED_OFFICIAL_KEYS)
-    assert sorted(report.reshaped_keys) == ["prompt1.prompt_param", "prompt2.prompt_param", "prompt3.prompt_param"]
+    assert sorted(report.reshaped_keys) == [f"prompt{i}.prompt_param" for i in (1, 2, 3)]
     assert report.missing_keys == report.unexpected_keys == []
     assert len(report.loaded_keys) == 542
     assert_loaded(cpl_model, cpl_state)
@@ -119,7 +120,8 @@ def test_own_safetensors_roundtrip_is_atomic(tmp_path):
 def test_own_torch_checkpoint(tmp_path):
     source = build_model("tiny")
     path = tmp_path / "last.pt"
-    torch.save({"model": source.state_dict(), "step": 7, "optimizer": {"state": {}, "param_groups": []}}, path)
+    torch.save({"model": source.state_dict(), "step": 7,
+                "optimizer": {"state": {}, "param_groups": []}}, path)
     target = build_model("tiny")
     assert load_checkpoint(target, path).layout == "cpl_fast"
     assert_loaded(target, source.state_dict())
@@ -131,7 +133,8 @@ def test_shape_mismatch_is_refused_without_loading(tmp_path):
     torch.save(bigger.state_dict(), path)
     model = build_model("tiny")
     before = {key: value.clone() for key, value in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"prompt1\.prompt_param: checkpoint \(10, 8, 16, 16\) vs model \(5, 8, 16, 16\)"):
+    message = r"prompt1\.prompt_param: checkpoint \(10, 8, 16, 16\) vs model \(5, 8, 16, 16\)"
+    with pytest.raises(ValueError, match=message):
         load_checkpoint(model, path)
     assert_loaded(model, before)
 

@@ -161,6 +161,10 @@ def test_forced_routing_uses_the_given_experts():
     assert torch.equal(routing.indices, forced.indices) and torch.equal(routing.weights, forced.weights)
     torch.testing.assert_close(routing.probs, spm(x)[1].probs)
     torch.testing.assert_close(prompt, manual_prompt(spm, forced.indices, forced.weights, (5, 7)))
+    # Weights in another precision are mixed in the bank's.
+    low, _ = spm(x, Routing(forced.indices, forced.weights.float()))
+    assert low.dtype == torch.float64
+    torch.testing.assert_close(low, prompt, rtol=1e-6, atol=1e-6)
 
 
 def test_forced_routing_is_validated():
@@ -169,8 +173,10 @@ def test_forced_routing_is_validated():
     w = torch.rand(2, 1)
     with pytest.raises(TypeError, match="int64"):
         spm(x, Routing(torch.zeros(2, 1, dtype=torch.int32), w))
-    with pytest.raises(ValueError, match=r"\(B=2, k>=1\)"):
+    with pytest.raises(ValueError, match=r"\(B=2, k\) with 1 <= k <= n=5, got \(3, 1\)"):
         spm(x, Routing(torch.zeros(3, 1, dtype=torch.int64), torch.rand(3, 1)))
+    with pytest.raises(ValueError, match=r"got \(2, 6\)"):
+        spm(x, Routing(torch.zeros(2, 6, dtype=torch.int64), torch.rand(2, 6)))
     with pytest.raises(ValueError, match="weights shape"):
         spm(x, Routing(torch.zeros(2, 1, dtype=torch.int64), torch.rand(2, 2)))
     with pytest.raises(ValueError, match=r"\[0, n=5\).*\[0, 5\]"):
@@ -240,11 +246,13 @@ def test_forced_routing_through_the_model():
     assert not torch.allclose(out2, out)
     # Manual: the prompt2 level must see exactly the forced experts' prompt.
     captured = {}
-    handle = model.prompt2.register_forward_hook(lambda m, args, output: captured.update(prompt=output[0], x=args[0]))
+    handle = model.prompt2.register_forward_hook(
+        lambda m, args, output: captured.update(prompt=output[0], x=args[0]))
     model(x, routing=[None, other, None])
     handle.remove()
     size = captured["x"].shape[-2:]
-    torch.testing.assert_close(captured["prompt"], manual_prompt(model.prompt2, other.indices, other.weights, size))
+    expected = manual_prompt(model.prompt2, other.indices, other.weights, size)
+    torch.testing.assert_close(captured["prompt"], expected)
     with pytest.raises(ValueError, match="3 entries"):
         model(x, routing=[None, None])
 
@@ -255,7 +263,8 @@ def test_model_gradients_by_finite_differences():
     weight = torch.randn(1, 3, 16, 8, dtype=torch.float64)
     # Small tensors on both sides of the prompts (numerical Jacobians cost two forwards per element).
     names = ["prompt3.linear_layer.bias", "prompt2.linear_layer.bias", "prompt1.linear_layer.bias",
-             "noise_level2.attn.temperature", "decoder_level1.0.attn.temperature", "noise_level1.norm1.body.bias",
+             "noise_level2.attn.temperature", "decoder_level1.0.attn.temperature",
+             "noise_level1.norm1.body.bias",
              "encoder_level1.0.attn.temperature"]
     params = dict(model.named_parameters())
     values = tuple(params[n].detach().clone().requires_grad_() for n in names)
@@ -284,7 +293,8 @@ def test_cpl_parameter_count_matches_the_paper():
     more = build_model("cpl", num_prompts=10)
     assert more.num_prompts == 10 and more.prompt1.prompt_param.shape == (10, 64, 64, 64)
     router_per_prompt = (96 + 1) + (192 + 1) + (384 + 1)                  # one row of each linear_layer
-    assert sum(p.numel() for p in more.parameters()) == 35_376_967 + 5 * (PARAMS_PER_PROMPT + router_per_prompt)
+    added = 5 * (PARAMS_PER_PROMPT + router_per_prompt)
+    assert sum(p.numel() for p in more.parameters()) == 35_376_967 + added
 
 
 def test_state_dict_matches_published_keys_and_shapes():
@@ -340,6 +350,22 @@ def test_fold_cache_keyed_by_size():
             assert rel_err(folded, model(x)) < 1e-10
             set_fold(model, True)
     assert len(model.prompt1._fold_cache) == 2
+
+
+def test_folding_under_autocast_has_its_own_cache_entry():
+    model = tiny(dtype=torch.float32).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        full = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+            set_fold(model, False)
+            low_plain = model(x)
+            set_fold(model, True)
+    assert len(model.prompt1._fold_cache) == 2
+    assert model.prompt1._fold_cache[(8, 8, torch.bfloat16)].dtype == torch.bfloat16
+    assert rel_err(low.float(), low_plain.float()) < 2e-2
+    assert rel_err(low.float(), full) < 5e-2
 
 
 def test_fold_cache_invalidated_by_optimizer_step_and_load_state_dict():
@@ -407,7 +433,8 @@ def test_presets_and_config_mappings():
     assert build_model("promptir", dim=8, num_blocks=(1, 1, 1, 1), num_refinement_blocks=1).top_k is None
     model = build_model({"preset": "tiny", "top_k": 2, "num_prompts": 3})
     assert (model.top_k, model.num_prompts) == (2, 3)
-    from_yaml = build_model({"type": "SparsePromptIR", "dim": 8, "num_blocks": [1, 1, 1, 1], "heads": [1, 1, 1, 1],
+    from_yaml = build_model({"type": "SparsePromptIR", "dim": 8, "num_blocks": [1, 1, 1, 1],
+                             "heads": [1, 1, 1, 1],
                              "num_refinement_blocks": 1, "prompt_dims": [4, 4, 4], "prompt_sizes": [4, 4, 4]})
     assert from_yaml(torch.randn(1, 3, 8, 8)).shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
@@ -441,3 +468,15 @@ def test_map_state_containers():
     assert isinstance(doubled["b"], tuple) and isinstance(doubled["b"][1], list)
     with pytest.raises(TypeError, match="cannot map over a int"):
         map_state(lambda t: t, {"a": 1})
+
+
+def test_model_traces_as_one_graph():
+    # fullgraph: the routing checks and the fold cache must not break the graph (eager backend: no codegen).
+    model = build_model("tiny")
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(2, 3, 16, 16)
+    forced = [Routing(torch.tensor([[1], [3]]), torch.rand(2, 1)) for _ in range(3)]
+    torch.testing.assert_close(compiled(x, routing=forced), model(x, routing=forced))
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

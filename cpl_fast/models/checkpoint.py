@@ -35,7 +35,7 @@ class LoadReport:
     """What ``load_checkpoint`` found and did."""
 
     source: str                                   # the file, or "<state dict>"
-    layout: str                                   # lightning | basicsr:params_ema | basicsr:params | cpl_fast | plain
+    layout: str          # lightning | basicsr:params_ema | basicsr:params | cpl_fast | plain
     loaded_keys: list[str] = field(default_factory=list)
     missing_keys: list[str] = field(default_factory=list)       # in the model, not in the checkpoint
     unexpected_keys: list[str] = field(default_factory=list)    # in the checkpoint, not in the model
@@ -56,7 +56,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
         source, raw = str(path_or_state_dict), _read(Path(path_or_state_dict))
     else:
-        raise TypeError(f"load_checkpoint: expected a path or a state dict, got {type(path_or_state_dict).__name__}")
+        raise TypeError("load_checkpoint: expected a path or a state dict, "
+                        f"got {type(path_or_state_dict).__name__}")
     layout, state = _unwrap(raw, source)
     report = LoadReport(source=source, layout=layout)
 
@@ -89,7 +90,8 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     return report
 
 
-def save_model_state(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+def save_model_state(model: nn.Module, path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
     """Write ``model``'s state dict to a safetensors file atomically (temp file + ``os.replace``).
 
     A crash mid-write leaves the previous file intact, never a truncated one.
@@ -104,7 +106,8 @@ def save_model_state(model: nn.Module, path: str | os.PathLike, metadata: dict[s
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "cpl_fast", "model": type(model).__name__, **(metadata or {})})
+        info = {"format": "cpl_fast", "model": type(model).__name__, **(metadata or {})}
+        save_file(tensors, tmp, metadata=info)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -16,7 +16,8 @@ import torch
 import torch.nn as nn
 
 from cpl_fast.models.registry import register_model
-from cpl_fast.models.restormer import Downsample, OverlapPatchEmbed, TransformerBlock, Upsample, transformer_stage
+from cpl_fast.models.restormer import (Downsample, OverlapPatchEmbed, TransformerBlock, Upsample,
+                                       transformer_stage)
 from cpl_fast.models.spm import Routing, SparsePromptModule
 
 
@@ -45,13 +46,15 @@ class SparsePromptIR(nn.Module):
 
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,
-                 heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66, num_prompts: int = 5,
-                 top_k: int | None = 1, renormalize: bool = False, prompt_dims: Sequence[int] = (64, 128, 320),
+                 heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66,
+                 num_prompts: int = 5, top_k: int | None = 1, renormalize: bool = False,
+                 prompt_dims: Sequence[int] = (64, 128, 320),
                  prompt_sizes: Sequence[int] = (64, 32, 16), prompt_heads: int = 4) -> None:
         super().__init__()
         for name, value in (("num_blocks", num_blocks), ("heads", heads)):
             if len(value) != 4:
-                raise ValueError(f"SparsePromptIR: {name} needs 4 entries (one per level), got {tuple(value)}")
+                raise ValueError(f"SparsePromptIR: {name} needs 4 entries (one per level), "
+                                 f"got {tuple(value)}")
         for name, value in (("prompt_dims", prompt_dims), ("prompt_sizes", prompt_sizes)):
             if len(value) != 3:
                 raise ValueError(f"SparsePromptIR: {name} needs 3 entries (prompt1..3), got {tuple(value)}")

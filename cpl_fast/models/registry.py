@@ -29,7 +29,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def register_model(cls: ModelT | None = None, *, name: str | None = None) -> ModelT | Callable[[ModelT], ModelT]:
+def register_model(cls: ModelT | None = None, *,
+                   name: str | None = None) -> ModelT | Callable[[ModelT], ModelT]:
     """Class decorator adding a model to ``MODELS`` (under its class name unless ``name`` is given)."""
 
     def add(model_cls: ModelT) -> ModelT:
@@ -53,16 +54,19 @@ def build_model(name_or_config: str | Mapping[str, Any], **overrides: Any) -> nn
     elif isinstance(name_or_config, Mapping):
         config = dict(name_or_config)
     else:
-        raise TypeError(f"build_model: expected a preset name or a mapping, got {type(name_or_config).__name__}")
+        raise TypeError("build_model: expected a preset name or a mapping, "
+                        f"got {type(name_or_config).__name__}")
     config.update(overrides)
     preset = config.pop("preset", None)
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"build_model: unknown preset '{preset}'; choose one of {', '.join(sorted(PRESETS))}")
+            raise ValueError(f"build_model: unknown preset '{preset}'; "
+                             f"choose one of {', '.join(sorted(PRESETS))}")
         config = {**PRESETS[preset], **config}
     model_type = config.pop("type", "SparsePromptIR")
     if model_type not in MODELS:
-        raise ValueError(f"build_model: unknown model type '{model_type}'; registered: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"build_model: unknown model type '{model_type}'; "
+                         f"registered: {', '.join(sorted(MODELS))}")
     # YAML gives lists; the constructors take tuples.
     kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
     return MODELS[model_type](**kwargs)

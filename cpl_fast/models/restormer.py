@@ -76,7 +76,8 @@ class FeedForward(nn.Module):
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
         self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
-        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2, bias=False)
+        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2,
+                                bias=False)
         self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +135,7 @@ class Upsample(nn.Module):
         return self.body(x)
 
 
-def transformer_stage(dim: int, num_heads: int, num_blocks: int, ffn_expansion_factor: float) -> nn.Sequential:
+def transformer_stage(dim: int, num_heads: int, num_blocks: int,
+                      ffn_expansion_factor: float) -> nn.Sequential:
     """``num_blocks`` Restormer blocks in a row (an encoder, decoder, latent or refinement stage)."""
     return nn.Sequential(*[TransformerBlock(dim, num_heads, ffn_expansion_factor) for _ in range(num_blocks)])

@@ -49,13 +49,15 @@ class SparsePromptModule(nn.Module):
                  top_k: int | None = 1, renormalize: bool = False, fold_cache_size: int = 4) -> None:
         super().__init__()
         if prompt_len < 1:
-            raise ValueError(f"SparsePromptModule: prompt_len (the number of experts n) must be >= 1, got {prompt_len}")
+            raise ValueError("SparsePromptModule: prompt_len (the number of experts n) must be >= 1, "
+                             f"got {prompt_len}")
         if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= prompt_len):
             raise ValueError(f"SparsePromptModule: top_k must be None or an int with 1 <= k <= n; "
                              f"got k={top_k!r}, n={prompt_len}")
         if renormalize and top_k == 1:
-            warnings.warn("SparsePromptModule: renormalize=True with top_k=1 makes every kept weight exactly 1, "
-                          "so the router receives no gradient and cannot learn", UserWarning, stacklevel=2)
+            warnings.warn("SparsePromptModule: renormalize=True with top_k=1 makes every kept weight "
+                          "exactly 1, so the router receives no gradient and cannot learn",
+                          UserWarning, stacklevel=2)
         self.num_prompts = prompt_len
         self.top_k = top_k
         self.renormalize = renormalize
@@ -74,7 +76,7 @@ class SparsePromptModule(nn.Module):
     def route(self, probs: torch.Tensor) -> Routing:
         """The router's own choice for softmax probabilities ``probs (B, n)``."""
         if self.top_k is None:
-            indices = torch.arange(self.num_prompts, device=probs.device).unsqueeze(0).repeat(probs.shape[0], 1)
+            indices = torch.arange(self.num_prompts, device=probs.device).repeat(probs.shape[0], 1)
             return Routing(indices, probs, probs)
         weights, indices = probs.topk(self.top_k, dim=1)
         if self.renormalize:
@@ -88,7 +90,8 @@ class SparsePromptModule(nn.Module):
         ``probs`` are still computed and returned with it.
         """
         if x.dim() != 4:
-            raise ValueError(f"SparsePromptModule: expected features (B, C, H, W), got shape {tuple(x.shape)}")
+            raise ValueError("SparsePromptModule: expected features (B, C, H, W), "
+                             f"got shape {tuple(x.shape)}")
         batch, _, h, w = x.shape
         probs = F.softmax(self.linear_layer(x.mean(dim=(-2, -1))), dim=1)
         if routing is None:
@@ -102,22 +105,25 @@ class SparsePromptModule(nn.Module):
         indices, weights = routing.indices, routing.weights
         if indices.dtype != torch.int64:
             raise TypeError(f"SparsePromptModule: routing indices must be int64, got {indices.dtype}")
-        if indices.dim() != 2 or indices.shape[0] != batch or indices.shape[1] < 1:
-            raise ValueError(f"SparsePromptModule: routing indices must have shape (B={batch}, k>=1), "
-                             f"got {tuple(indices.shape)}")
+        if indices.dim() != 2 or indices.shape[0] != batch or not 1 <= indices.shape[1] <= self.num_prompts:
+            raise ValueError(f"SparsePromptModule: routing indices must have shape (B={batch}, k) with "
+                             f"1 <= k <= n={self.num_prompts}, got {tuple(indices.shape)}")
         if tuple(weights.shape) != tuple(indices.shape):
             raise ValueError(f"SparsePromptModule: routing weights shape {tuple(weights.shape)} differs from "
                              f"indices shape {tuple(indices.shape)}")
-        # A data-dependent check; compiled graphs skip it rather than break on it.
-        if not torch.compiler.is_compiling():
+        # Reading the values would synchronise a GPU on every forced decode and break compiled graphs,
+        # so (as in cpl_fast.ops.prompt_mix) the range is checked on the CPU, outside compilation.
+        if indices.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(indices.min()), int(indices.max())
             if lo < 0 or hi >= self.num_prompts:
-                raise ValueError(f"SparsePromptModule: routing indices must lie in [0, n={self.num_prompts}), "
-                                 f"got values in [{lo}, {hi}]")
+                raise ValueError("SparsePromptModule: routing indices must lie in "
+                                 f"[0, n={self.num_prompts}), got values in [{lo}, {hi}]")
 
     def _prompt(self, indices: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         if self._can_fold():
             return _mix_folded(self.folded_prompts(size), indices, weights)
+        # The router may run in another precision (autocast) than the bank; mix in the bank's.
+        weights = weights.to(self.prompt_param.dtype)
         return self.conv3x3(prompt_mix(self.prompt_param, indices, weights, size))
 
     def _can_fold(self) -> bool:
@@ -135,7 +141,9 @@ class SparsePromptModule(nn.Module):
             self._fold_cache.clear()
             self._fold_params_key = params_key
         device = self.prompt_param.device
-        autocast = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None)
+        autocast = (torch.get_autocast_dtype(device.type)
+                    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+                    else None)
         key = (int(size[0]), int(size[1]), autocast)
         cached = self._fold_cache.get(key)
         if cached is not None:
