@@ -42,7 +42,8 @@ class SparsePromptModule(nn.Module):
     computed once per output size and the prompt becomes a weighted gather of ``k`` of them. The
     cache is keyed on the parameters' version counters and storage, so optimiser steps,
     ``load_state_dict`` and ``.to()`` invalidate it; writes through ``param.data`` bypass the
-    version counter, so call ``clear_fold_cache()`` after those.
+    version counter, so call ``clear_fold_cache()`` after those. At most ``fold_cache_size`` output
+    sizes are kept (least recently used dropped first); set ``fold = False`` to turn folding off.
     """
 
     def __init__(self, prompt_dim: int, prompt_len: int, prompt_size: int, lin_dim: int,
