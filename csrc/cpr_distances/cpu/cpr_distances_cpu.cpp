@@ -68,6 +68,31 @@ void chunk_sums(const scalar_t* pos, const scalar_t* gt, const std::vector<const
   }
 }
 
+// Gradients of L consecutive elements of one sample. L is fixed at compile time so the lane loops vectorise;
+// the f_pos gradient stays in op_t across the m negatives. neg / g_neg point at negative 0 of this sample.
+template <int L, typename scalar_t, typename op_t>
+inline void backward_lanes(const scalar_t* pos, const scalar_t* gt, const scalar_t* neg, int64_t neg_stride,
+                           op_t c_pos, const op_t* c_neg, int64_t m, scalar_t* g_pos, scalar_t* g_gt,
+                           scalar_t* g_neg, int64_t g_neg_stride) {
+  op_t p[L], gp[L];
+  for (int l = 0; l < L; ++l) {
+    p[l] = static_cast<op_t>(pos[l]);
+    gp[l] = c_pos * (p[l] - static_cast<op_t>(gt[l]));
+    g_gt[l] = static_cast<scalar_t>(-gp[l]);
+  }
+  for (int64_t t = 0; t < m; ++t) {
+    const scalar_t* n_in = neg + t * neg_stride;
+    scalar_t* n_out = g_neg + t * g_neg_stride;
+    const op_t c = c_neg[t];
+    for (int l = 0; l < L; ++l) {
+      const op_t gn = c * (static_cast<op_t>(n_in[l]) - p[l]);
+      n_out[l] = static_cast<scalar_t>(gn);
+      gp[l] -= gn;
+    }
+  }
+  for (int l = 0; l < L; ++l) g_pos[l] = static_cast<scalar_t>(gp[l]);
+}
+
 std::tuple<at::Tensor, at::Tensor> cpr_distances_cpu(const at::Tensor& f_pos_in, const at::Tensor& f_gt_in,
                                                      const at::Tensor& f_neg_in,
                                                      const c10::optional<at::Tensor>& neg_weights) {
@@ -148,27 +173,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpr_distances_backward_cpu(
         const int64_t len = std::min(kChunk, n - start);
         const scalar_t* p_in = pos + b * sp + start;
         const scalar_t* g_in = gt + b * sg + start;
-        const op_t cp = c_pos[b];
-        // Blocks of kLanes elements: the f_pos gradient stays in op_t registers across the m negatives.
-        for (int64_t i = 0; i < len; i += kLanes) {
-          const int lanes = static_cast<int>(std::min<int64_t>(kLanes, len - i));
-          op_t p[kLanes], gp[kLanes];
-          for (int l = 0; l < lanes; ++l) {
-            p[l] = static_cast<op_t>(p_in[i + l]);
-            gp[l] = cp * (p[l] - static_cast<op_t>(g_in[i + l]));
-            g_gt[b * n + start + i + l] = static_cast<scalar_t>(-gp[l]);
-          }
-          for (int64_t t = 0; t < m; ++t) {
-            const op_t cn = c_neg[b * m + t];
-            const scalar_t* n_in = neg + t * snt + b * snb + start + i;
-            scalar_t* n_out = g_neg + (t * batch + b) * n + start + i;
-            for (int l = 0; l < lanes; ++l) {
-              const op_t gn = cn * (static_cast<op_t>(n_in[l]) - p[l]);
-              n_out[l] = static_cast<scalar_t>(gn);
-              gp[l] -= gn;
-            }
-          }
-          for (int l = 0; l < lanes; ++l) g_pos[b * n + start + i + l] = static_cast<scalar_t>(gp[l]);
+        const scalar_t* n_in = neg + b * snb + start;
+        const int64_t out = b * n + start;
+        const op_t* cn = c_neg + b * m;
+        int64_t i = 0;
+        for (; i + kLanes <= len; i += kLanes) {
+          backward_lanes<kLanes>(p_in + i, g_in + i, n_in + i, snt, c_pos[b], cn, m, g_pos + out + i,
+                                 g_gt + out + i, g_neg + out + i, batch * n);
+        }
+        for (; i < len; ++i) {
+          backward_lanes<1>(p_in + i, g_in + i, n_in + i, snt, c_pos[b], cn, m, g_pos + out + i, g_gt + out + i,
+                            g_neg + out + i, batch * n);
         }
       }
     });
