@@ -13,12 +13,15 @@
 //   G = resize^T(grad_out[b, c])             (S x S')
 //   grad_bank[indices[b, j], c] += weights[b, j] * G
 //   grad_weights[b, j] = sum_c <G, bank[indices[b, j], c]>
-// It is parallelised over channels: a thread owns grad_bank[:, c] for its channels and visits the
-// samples in a fixed order, so the result is bitwise reproducible (no atomics, no races).
+// It is parallelised over channels: a parallel block owns grad_bank[:, c] for its channels and
+// visits the samples in a fixed order, and grad_weights sums the per-channel dot products in a fixed
+// order, so the result is bitwise reproducible (no atomics, no races).
 //
 // Inputs: bank, grad_out, indices and weights are read through .contiguous(), which is free for the
 // contiguous tensors of the hot path (a parameter bank, a fresh output gradient) and copies
-// otherwise. float32 and float64 accumulate in their own type, bfloat16 in float32.
+// otherwise. float32 and float64 accumulate in their own type, bfloat16 in float32. Scratch space
+// (one row per parallel block in the forward; one S x S' plane per block, plus grad_bank[:, c] in
+// float32 for bfloat16, in the backward) is an ATen tensor, so memory profilers see it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -66,6 +69,28 @@ struct AxisInterp {
   }
 };
 
+template <typename acc_t>
+constexpr at::ScalarType acc_scalar() {
+  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+}
+
+// Number of blocks parallel_blocks splits [0, range) into: at most one per thread, each >= grain.
+int64_t block_count(int64_t range, int64_t grain) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (range + grain - 1) / grain));
+}
+
+// Runs fn(begin, end, block) over `blocks` contiguous slices of [0, range) in parallel. Scratch space
+// is indexed by block (always < blocks), not by thread id.
+template <typename F>
+void parallel_blocks(int64_t range, int64_t blocks, const F& fn) {
+  at::parallel_for(0, blocks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t blk = first; blk < last; ++blk) {
+      const int64_t begin = range * blk / blocks, end = range * (blk + 1) / blocks;
+      if (begin < end) fn(begin, end, blk);
+    }
+  });
+}
+
 // Checked inside the kernel too, so a direct torch.ops call cannot read out of bounds.
 void check_index_range(const int64_t* idx, int64_t count, int64_t n) {
   for (int64_t t = 0; t < count; ++t) {
@@ -88,16 +113,19 @@ void forward_kernel(const at::Tensor& bank, const at::Tensor& indices, const at:
   check_index_range(idx_p, B * k, n);
   const int64_t plane = S * Sp;
   const bool row_in_out = direct && rx.identity;  // the vertical pass can write the output row
+  const int64_t per_block = row_in_out ? 0 : Sp;
+  // Tasks are (b, c) output planes; the grain keeps a block at ~32k output elements or more.
+  const int64_t blocks = block_count(B * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W)));
+  at::Tensor scratch = at::empty({blocks * per_block}, out.options().dtype(acc_scalar<acc_t>()));
+  acc_t* scratch_p = scratch.mutable_data_ptr<acc_t>();
 
-  // One task per (b, c) output plane; the grain keeps a task at ~32k output elements or more.
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, H * W));
-  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row_buf(row_in_out ? 0 : Sp);
+  parallel_blocks(B * C, blocks, [&](int64_t begin, int64_t end, int64_t block) {
+    acc_t* row_buf = scratch_p + block * per_block;
     for (int64_t bc = begin; bc < end; ++bc) {
       const int64_t b = bc / C, c = bc % C;
       for (int64_t h = 0; h < H; ++h) {
         scalar_t* out_row = out_p + (bc * H + h) * W;
-        acc_t* row = row_in_out ? reinterpret_cast<acc_t*>(out_row) : row_buf.data();
+        acc_t* row = row_in_out ? reinterpret_cast<acc_t*>(out_row) : row_buf;
         const acc_t ly0 = ry.l0[h], ly1 = ry.l1[h];
         const int64_t y0 = ry.i0[h] * Sp, y1 = ry.i1[h] * Sp;
         for (int64_t j = 0; j < k; ++j) {
@@ -193,22 +221,31 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& bank, const a
   const int64_t plane = S * Sp;
   const bool identity = ry.identity && rx.identity;
   // partial[(b * k + j) * C + c] = <G[b, c], bank[indices[b, j], c]>, summed over c afterwards.
-  std::vector<acc_t> partial(B * k * C);
+  const at::TensorOptions acc_options = bank.options().dtype(acc_scalar<acc_t>());
+  at::Tensor partial_t = at::empty({B * k * C}, acc_options);
+  acc_t* partial = partial_t.mutable_data_ptr<acc_t>();
+  // Per block: G of one (b, c), one row of the horizontal resize^T, grad_bank[:, c] in acc_t.
+  const int64_t t_len = (identity && direct) ? 0 : plane;
+  const int64_t row_len = (rx.identity && direct) ? 0 : Sp;
+  const int64_t gb_len = direct ? 0 : n * plane;
+  const int64_t per_block = t_len + row_len + gb_len;
+  const int64_t blocks = block_count(C, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, B * H * W)));
+  at::Tensor scratch = at::empty({blocks * per_block}, acc_options);
+  acc_t* scratch_p = scratch.mutable_data_ptr<acc_t>();
 
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, B * H * W));
-  at::parallel_for(0, C, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> t_buf((identity && direct) ? 0 : plane);    // G of one (b, c)
-    std::vector<acc_t> row_buf(rx.identity && direct ? 0 : Sp);   // one row of resize^T horizontally
-    std::vector<acc_t> gb_buf(direct ? 0 : n * plane);             // grad_bank[:, c] in acc_t
+  parallel_blocks(C, blocks, [&](int64_t begin, int64_t end, int64_t block) {
+    acc_t* t_buf = scratch_p + block * per_block;
+    acc_t* row_buf = t_buf + t_len;
+    acc_t* gb_buf = row_buf + row_len;
     for (int64_t c = begin; c < end; ++c) {
-      if (!direct) std::fill(gb_buf.begin(), gb_buf.end(), acc_t(0));
+      if (!direct) std::fill(gb_buf, gb_buf + gb_len, acc_t(0));
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t* g_plane = g_p + (b * C + c) * H * W;
         const acc_t* t;
         if (identity && direct) {
           t = reinterpret_cast<const acc_t*>(g_plane);
         } else {
-          std::fill(t_buf.begin(), t_buf.end(), acc_t(0));
+          std::fill(t_buf, t_buf + t_len, acc_t(0));
           for (int64_t h = 0; h < H; ++h) {
             const scalar_t* g_row = g_plane + h * W;
             const acc_t* r;
@@ -216,29 +253,29 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& bank, const a
               r = reinterpret_cast<const acc_t*>(g_row);
             } else if (rx.identity) {
               for (int64_t x = 0; x < Sp; ++x) row_buf[x] = static_cast<acc_t>(g_row[x]);
-              r = row_buf.data();
+              r = row_buf;
             } else {
-              std::fill(row_buf.begin(), row_buf.end(), acc_t(0));
+              std::fill(row_buf, row_buf + row_len, acc_t(0));
               for (int64_t x = 0; x < W; ++x) {
                 const acc_t gv = static_cast<acc_t>(g_row[x]);
                 row_buf[rx.i0[x]] += rx.l0[x] * gv;
                 row_buf[rx.i1[x]] += rx.l1[x] * gv;
               }
-              r = row_buf.data();
+              r = row_buf;
             }
-            acc_t* t0 = t_buf.data() + ry.i0[h] * Sp;
+            acc_t* t0 = t_buf + ry.i0[h] * Sp;
             const acc_t ly0 = ry.l0[h], ly1 = ry.l1[h];
             for (int64_t x = 0; x < Sp; ++x) t0[x] += ly0 * r[x];
             if (ly1 != acc_t(0)) {
-              acc_t* t1 = t_buf.data() + ry.i1[h] * Sp;
+              acc_t* t1 = t_buf + ry.i1[h] * Sp;
               for (int64_t x = 0; x < Sp; ++x) t1[x] += ly1 * r[x];
             }
           }
-          t = t_buf.data();
+          t = t_buf;
         }
         for (int64_t j = 0; j < k; ++j) {
           const int64_t i = idx_p[b * k + j];
-          acc_t* gb_plane = direct ? reinterpret_cast<acc_t*>(gb_p + (i * C + c) * plane) : gb_buf.data() + i * plane;
+          acc_t* gb_plane = direct ? reinterpret_cast<acc_t*>(gb_p + (i * C + c) * plane) : gb_buf + i * plane;
           partial[(b * k + j) * C + c] =
               axpy_dot(gb_plane, static_cast<acc_t>(w_p[b * k + j]), t, bank_p + (i * C + c) * plane, plane);
         }
@@ -246,7 +283,7 @@ void backward_kernel(const at::Tensor& grad_out, const at::Tensor& bank, const a
       if (!direct) {
         for (int64_t i = 0; i < n; ++i) {
           scalar_t* dst = gb_p + (i * C + c) * plane;
-          const acc_t* src = gb_buf.data() + i * plane;
+          const acc_t* src = gb_buf + i * plane;
           for (int64_t p = 0; p < plane; ++p) dst[p] = static_cast<scalar_t>(src[p]);
         }
       }

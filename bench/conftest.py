@@ -1,0 +1,171 @@
+"""Shared setup of the benchmarks (``pytest bench/``) and the writer of ``bench/results/``.
+
+Fixtures: ``device`` (CUDA when present, else CPU), ``sync`` (waits for the device, so timings of
+GPU work are honest), ``peak_memory`` (peak extra bytes a call allocates, see below) and
+``bench_notes`` (lines a benchmark module adds to its results file).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before the
+call. On the CPU, ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
+of PyTorch's CPU allocator (tensors made by ATen, by compiled extensions and by inductor's code);
+the running sum of those events, in time order, peaks at the call's peak extra memory. Memory that
+does not come from PyTorch's allocator (a ``malloc`` inside a kernel) is not seen, so kernels here
+take their scratch space from ATen.
+
+At the end of the session, for every op with groups named ``<op>-fwd|bwd|full``, the hook writes
+``bench/results/<op>_<device>_<date>.json`` (every benchmark's statistics and extra_info) and
+``bench/results/<op>_<device>.md`` (median times and peak memory per case and provider).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+GROUP = re.compile(r"^(?P<op>\w+)-(?P<mode>fwd|bwd|full)$")
+_NOTES: dict[str, list[str]] = defaultdict(list)
+
+
+def device_name(device: torch.device) -> str:
+    """The processor or GPU the benchmarks ran on, in words."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads"
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def sync(device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def _cpu_peak_extra(fn: Callable[[], object]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type()
+              == torch.autograd.DeviceType.CPU]
+    current = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.fixture(scope="session")
+def peak_memory(device) -> Callable[[Callable[[], object]], int]:
+    """``peak_memory(fn)``: the peak extra bytes allocated while ``fn()`` runs (its result freed after)."""
+    def measure(fn: Callable[[], object]) -> int:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            result = fn()
+            torch.cuda.synchronize()
+            del result
+            return torch.cuda.max_memory_allocated() - base
+        return _cpu_peak_extra(fn)
+    return measure
+
+
+@pytest.fixture(scope="session")
+def bench_notes() -> dict[str, list[str]]:
+    """``bench_notes[op]``: markdown lines appended to the op's results table."""
+    return _NOTES
+
+
+def _percentile(data: list[float], q: float) -> float:
+    ordered = sorted(data)
+    position = (len(ordered) - 1) * q
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _record(bench) -> dict:
+    data = list(bench.stats.data)
+    return {
+        "name": bench.name, "group": bench.group, "extra_info": dict(bench.extra_info),
+        "rounds": bench.stats.rounds, "iterations": bench.iterations,
+        "seconds": {"min": bench.stats.min, "median": bench.stats.median, "mean": bench.stats.mean,
+                    "p20": _percentile(data, 0.2), "p50": _percentile(data, 0.5), "p80": _percentile(data, 0.8)},
+    }
+
+
+def _table(records: list[dict]) -> list[str]:
+    """Median ms (p20-p80) and peak extra MB per case (rows) and provider (columns), one table per mode."""
+    lines = []
+    for group in sorted({r["group"] for r in records}):
+        rows = [r for r in records if r["group"] == group]
+        providers = list(dict.fromkeys(r["extra_info"].get("provider", r["name"]) for r in rows))
+        cases = list(dict.fromkeys(r["extra_info"].get("case", r["name"]) for r in rows))
+        cell = {(r["extra_info"].get("case", r["name"]), r["extra_info"].get("provider", r["name"])): r for r in rows}
+        lines += [f"### {group}: median ms (p20-p80), peak extra memory MB", "",
+                  "| case | " + " | ".join(providers) + " |", "|---|" + "---|" * len(providers)]
+        for case in cases:
+            cells = []
+            for provider in providers:
+                r = cell.get((case, provider))
+                if r is None:
+                    cells.append("-")
+                    continue
+                s = r["seconds"]
+                memory = r["extra_info"].get("peak_extra_bytes")
+                mb = f"; {memory / 2**20:.1f} MB" if memory is not None else ""
+                cells.append(f"{s['median'] * 1e3:.2f} ({s['p20'] * 1e3:.2f}-{s['p80'] * 1e3:.2f}){mb}")
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    bench_session = getattr(session.config, "_benchmarksession", None)
+    if bench_session is None or bench_session.disabled:
+        return
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for bench in bench_session.benchmarks:
+        match = GROUP.match(bench.group or "")
+        if match and bench.stats and bench.stats.rounds:
+            by_op[match["op"]].append(_record(bench))
+    if not by_op:
+        return
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    today = datetime.date.today().isoformat()
+    command = "pytest " + " ".join(session.config.invocation_params.args)
+    # The load average tells how much other work shared the processor while the timings were taken.
+    header = {"device": device_name(dev), "date": today, "command": command, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "load_average_1_5_15min": list(os.getloadavg())}
+    RESULTS.mkdir(exist_ok=True)
+    for op, records in by_op.items():
+        notes = _NOTES.get(op, [])
+        (RESULTS / f"{op}_{dev.type}_{today}.json").write_text(
+            json.dumps({**header, "notes": notes, "benchmarks": records}, indent=2) + "\n")
+        text = [f"# {op} benchmark ({dev.type})", "",
+                f"- device: {header['device']}", f"- date: {today}", f"- command: `{command}`",
+                f"- torch {torch.__version__}",
+                "- load average at the end (1, 5, 15 min): "
+                + ", ".join(f"{v:.2f}" for v in header["load_average_1_5_15min"]), "", *_table(records), *notes, ""]
+        (RESULTS / f"{op}_{dev.type}.md").write_text("\n".join(text))
