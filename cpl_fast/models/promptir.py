@@ -43,6 +43,8 @@ class SparsePromptIR(nn.Module):
 
     num_prompt_levels = 3
     size_multiple = 8
+    # decode passes each routing entry to its SparsePromptModule, which also takes callables.
+    accepts_routing_callables = True
 
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, dim: int = 48,
                  num_blocks: Sequence[int] = (4, 6, 6, 8), num_refinement_blocks: int = 4,

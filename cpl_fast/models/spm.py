@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -84,11 +84,15 @@ class SparsePromptModule(nn.Module):
             weights = weights / weights.sum(dim=1, keepdim=True)
         return Routing(indices, weights, probs)
 
-    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor,
+                routing: Routing | Callable[[Routing], Routing] | None = None) -> tuple[torch.Tensor, Routing]:
         """Prompt ``(B, C, H, W)`` for features ``x (B, lin_dim, H, W)``, and the routing used.
 
         A given ``routing`` (e.g. a forced negative) replaces the router's choice; the router's
-        ``probs`` are still computed and returned with it.
+        ``probs`` are still computed and returned with it. A callable ``routing(own) -> Routing``
+        receives the router's own choice for every row and returns the routing to use: a batched
+        contrastive step decodes positives and negatives together and derives the negatives' routing
+        of this level from the positive rows' choice.
         """
         if x.dim() != 4:
             raise ValueError("SparsePromptModule: expected features (B, C, H, W), "
@@ -98,6 +102,11 @@ class SparsePromptModule(nn.Module):
         if routing is None:
             routing = self.route(probs)
         else:
+            if callable(routing):
+                routing = routing(self.route(probs))
+                if not isinstance(routing, Routing):
+                    raise TypeError("SparsePromptModule: a routing callable must return a Routing, "
+                                    f"got {type(routing).__name__}")
             self._check_routing(routing, batch)
             routing = Routing(routing.indices, routing.weights, probs)
         return self._prompt(routing.indices, routing.weights, (h, w)), routing
