@@ -73,33 +73,50 @@ class MismatchedExperts:
 
     def __call__(self, routings: Sequence[Routing], m: int, task_ids: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> list[list[Routing]]:
-        """``task_ids`` is ignored: this sampler needs no labels."""
-        n = self.num_prompts
+        """``task_ids`` is ignored: this sampler needs no labels. The loop of ``sample_level`` over levels."""
+        self._check_m(m)
+        _check_routings(routings)
+        for level, routing in enumerate(routings):
+            self._check_level(level, routing)
+        per_level = [self._draw_level(routing, m, generator) for routing in routings]
+        return [[negatives[t] for negatives in per_level] for t in range(m)]
+
+    def sample_level(self, level: int, routing: Routing, m: int, task_ids: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> list[Routing]:
+        """The ``m`` negatives of one prompt level, ``routing`` being the positive's at that level.
+
+        Calling it for levels ``0, 1, ...`` in turn with one generator draws exactly what one full call
+        draws, so a step can draw each level's negatives once that level's positive routing exists.
+        """
+        self._check_m(m)
+        _check_routings([routing])
+        self._check_level(level, routing)
+        return self._draw_level(routing, m, generator)
+
+    def _check_m(self, m: int) -> None:
         _check_m(m)
-        if m >= n:
-            raise ValueError(f"mismatched_experts draws m={m} different experts out of the n-1={n - 1} "
-                             f"others; need m <= n-1 (n={n})")
-        batch = _check_routings(routings)
-        for level, routing in enumerate(routings):
-            k = routing.indices.shape[1]
-            if k > n:
-                raise ValueError(f"level {level}: k={k} selected experts but only n={n} exist")
-            indices = routing.indices
-            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
-                raise ValueError(f"level {level}: expert indices must lie in [0, n={n})")
-        device = _draw_device(generator)
-        # (levels, B, n-1) random keys -> a random permutation of {1..n-1} per (level, sample); keep m.
-        keys = torch.rand(len(routings), batch, n - 1, generator=generator, device=device)
-        shifts = keys.argsort(dim=-1)[..., :m] + 1                                    # (levels, B, m)
-        negatives: list[list[Routing]] = [[] for _ in range(m)]
-        for level, routing in enumerate(routings):
-            indices = routing.indices.detach()
-            weights = routing.weights.detach()
-            level_shifts = shifts[level].to(indices.device)
-            for t in range(m):
-                shifted = (indices + level_shifts[:, t:t + 1]) % n
-                negatives[t].append(Routing(shifted, weights, None))
-        return negatives
+        if m >= self.num_prompts:
+            raise ValueError(f"mismatched_experts draws m={m} different experts out of the "
+                             f"n-1={self.num_prompts - 1} others; need m <= n-1 (n={self.num_prompts})")
+
+    def _check_level(self, level: int, routing: Routing) -> None:
+        n = self.num_prompts
+        k = routing.indices.shape[1]
+        if k > n:
+            raise ValueError(f"level {level}: k={k} selected experts but only n={n} exist")
+        indices = routing.indices
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+            raise ValueError(f"level {level}: expert indices must lie in [0, n={n})")
+
+    def _draw_level(self, routing: Routing, m: int, generator: torch.Generator | None) -> list[Routing]:
+        n = self.num_prompts
+        batch = routing.indices.shape[0]
+        # (B, n-1) random keys -> a random permutation of {1..n-1} per sample; keep the first m.
+        keys = torch.rand(batch, n - 1, generator=generator, device=_draw_device(generator))
+        shifts = (keys.argsort(dim=-1)[:, :m] + 1).to(routing.indices.device)              # (B, m)
+        indices = routing.indices.detach()
+        weights = routing.weights.detach()
+        return [Routing((indices + shifts[:, t:t + 1]) % n, weights, None) for t in range(m)]
 
 
 class OtherTask:
