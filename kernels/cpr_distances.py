@@ -67,7 +67,8 @@ def _backward_kernel(pos_ptr, gt_ptr, neg_ptr, c_pos_ptr, c_neg_ptr, grad_pos_pt
                    mask=neg_mask, other=0.0).to(acc_dtype)
     c_neg = tl.load(c_neg_ptr + b * m + t, mask=t_mask, other=0.0)
     grad_neg = tl.where(neg_mask, c_neg[:, None] * (negs - p[None, :]), 0.0)
-    tl.store(grad_neg_ptr + (t[:, None] * batch + b) * n + offs[None, :], grad_neg.to(out_dtype), mask=neg_mask)
+    tl.store(grad_neg_ptr + (t[:, None] * batch + b) * n + offs[None, :], grad_neg.to(out_dtype),
+             mask=neg_mask)
     tl.store(grad_pos_ptr + b * n + offs, (grad_pos - tl.sum(grad_neg, axis=0)).to(out_dtype), mask=mask)
 
 
@@ -117,9 +118,11 @@ def cpr_distances_backward_triton(grad_l_pos: torch.Tensor, grad_l_neg: torch.Te
     batch, m, n = check_inputs(f_pos, f_gt, f_neg, neg_weights)
     f_pos, f_gt, f_neg = dense_samples(f_pos, 1), dense_samples(f_gt, 1), dense_samples(f_neg, 2)
     acc = _acc_dtype(f_pos.dtype)
-    # grad_f_gt = -c_pos (f_pos - f_gt), grad_f_neg = c_neg (f_neg - f_pos), grad_f_pos = -grad_f_gt - sum_t grad_f_neg
+    # grad_f_gt = -c_pos (f_pos - f_gt), grad_f_neg = c_neg (f_neg - f_pos),
+    # grad_f_pos = -grad_f_gt - sum_t grad_f_neg
     c_pos = (grad_l_pos.to(acc) * (2.0 / n)).contiguous()
-    c_neg = (grad_l_neg.to(acc).unsqueeze(1) * _weights(neg_weights, batch, m, c_pos) * (2.0 / (n * m))).contiguous()
+    weights = _weights(neg_weights, batch, m, c_pos)
+    c_neg = (grad_l_neg.to(acc).unsqueeze(1) * weights * (2.0 / (n * m))).contiguous()
     grad_pos = torch.empty(f_pos.shape, dtype=f_pos.dtype, device=f_pos.device)
     grad_gt = torch.empty(f_gt.shape, dtype=f_gt.dtype, device=f_gt.device)
     grad_neg = torch.empty(f_neg.shape, dtype=f_neg.dtype, device=f_neg.device)

@@ -39,7 +39,8 @@ def check_inputs(f_pos: torch.Tensor, f_gt: torch.Tensor, f_neg: torch.Tensor,
         raise ValueError(f"cpr_distances: f_gt shape {tuple(f_gt.shape)} does not match "
                          f"f_pos shape {tuple(f_pos.shape)}")
     if f_neg.dim() != f_pos.dim() + 1 or f_neg.shape[1:] != f_pos.shape:
-        raise ValueError(f"cpr_distances: f_neg must have shape (m, *f_pos.shape) = (m, {', '.join(map(str, f_pos.shape))}), "
+        trailing = ", ".join(map(str, f_pos.shape))
+        raise ValueError(f"cpr_distances: f_neg must have shape (m, *f_pos.shape) = (m, {trailing}), "
                          f"got {tuple(f_neg.shape)}")
     batch, m = f_pos.shape[0], f_neg.shape[0]
     if batch == 0:
@@ -61,14 +62,16 @@ def check_inputs(f_pos: torch.Tensor, f_gt: torch.Tensor, f_neg: torch.Tensor,
         raise ValueError(f"cpr_distances: features have no elements per sample, shape {tuple(f_pos.shape)}")
     if neg_weights is not None:
         if not isinstance(neg_weights, torch.Tensor):
-            raise TypeError(f"cpr_distances: neg_weights must be a tensor or None, got {type(neg_weights).__name__}")
+            raise TypeError("cpr_distances: neg_weights must be a tensor or None, "
+                            f"got {type(neg_weights).__name__}")
         if neg_weights.shape != (batch, m):
             raise ValueError(f"cpr_distances: neg_weights must have shape (B, m) = ({batch}, {m}), "
                              f"got {tuple(neg_weights.shape)}")
         if not neg_weights.dtype.is_floating_point:
             raise TypeError(f"cpr_distances: neg_weights must be floating point, got {neg_weights.dtype}")
         if neg_weights.device != f_pos.device:
-            raise ValueError(f"cpr_distances: neg_weights is on {neg_weights.device}, the features on {f_pos.device}")
+            raise ValueError(f"cpr_distances: neg_weights is on {neg_weights.device}, "
+                             f"the features on {f_pos.device}")
     return batch, m, per_sample
 
 
@@ -127,7 +130,8 @@ DISPATCHER = Dispatcher(
     backends={
         "reference": Backend("reference", cpr_distances_reference, available=lambda device: []),
         "cpu": Backend("cpu", _compiled, available=_compiled_reasons("CPU", "cpu"), supports=_dtype_reasons),
-        "cuda": Backend("cuda", _compiled, available=_compiled_reasons("CUDA", "cuda"), supports=_dtype_reasons),
+        "cuda": Backend("cuda", _compiled, available=_compiled_reasons("CUDA", "cuda"),
+                        supports=_dtype_reasons),
         "triton": Backend("triton", _triton, available=triton_reasons, supports=_dtype_reasons),
     },
     priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
@@ -147,7 +151,7 @@ def cpr_distances(f_pos: torch.Tensor, f_gt: torch.Tensor, f_neg: torch.Tensor,
 
 
 def _register_compiled() -> None:
-    """Fake kernels and autograd of the compiled ``cpl_fast::cpr_distances`` (schemas live in csrc/ops.cpp)."""
+    """Fake kernels and autograd of the compiled ``cpl_fast::cpr_distances`` (schemas: csrc/ops.cpp)."""
 
     @torch.library.register_fake("cpl_fast::cpr_distances")
     def _fake(f_pos, f_gt, f_neg, neg_weights):
