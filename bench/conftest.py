@@ -13,7 +13,8 @@ take their scratch space from ATen.
 
 At the end of the session, for every op with groups named ``<op>-fwd|bwd|full``, the hook writes
 ``bench/results/<op>_<device>_<date>.json`` (every benchmark's statistics and extra_info) and
-``bench/results/<op>_<device>.md`` (median times and peak memory per case and provider).
+``bench/results/<op>_<device>.md`` (median times and peak memory per case and provider); ``<device>`` is
+``cpu-<n>threads`` for a CPU run on fewer threads than the machine has.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 @pytest.fixture(scope="session")
@@ -153,6 +155,9 @@ def pytest_sessionfinish(session, exitstatus):
     if not by_op:
         return
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # A run on fewer threads than the machine has (OMP_NUM_THREADS) gets its own files.
+    tag = dev.type if dev.type == "cuda" or torch.get_num_threads() == os.cpu_count() else (
+        f"{dev.type}-{torch.get_num_threads()}threads")
     today = datetime.date.today().isoformat()
     command = "pytest " + " ".join(session.config.invocation_params.args)
     # The load average tells how much other work shared the processor while the timings were taken.
@@ -161,11 +166,11 @@ def pytest_sessionfinish(session, exitstatus):
     RESULTS.mkdir(exist_ok=True)
     for op, records in by_op.items():
         notes = _NOTES.get(op, [])
-        (RESULTS / f"{op}_{dev.type}_{today}.json").write_text(
+        (RESULTS / f"{op}_{tag}_{today}.json").write_text(
             json.dumps({**header, "notes": notes, "benchmarks": records}, indent=2) + "\n")
-        text = [f"# {op} benchmark ({dev.type})", "",
+        text = [f"# {op} benchmark ({tag})", "",
                 f"- device: {header['device']}", f"- date: {today}", f"- command: `{command}`",
                 f"- torch {torch.__version__}",
                 "- load average at the end (1, 5, 15 min): "
                 + ", ".join(f"{v:.2f}" for v in header["load_average_1_5_15min"]), "", *_table(records), *notes, ""]
-        (RESULTS / f"{op}_{dev.type}.md").write_text("\n".join(text))
+        (RESULTS / f"{op}_{tag}.md").write_text("\n".join(text))
