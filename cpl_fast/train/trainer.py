@@ -1,0 +1,551 @@
+"""The training loop: data, model, objective, optimiser, schedule, EMA, logging, checkpoints, DDP.
+
+``Trainer(config, run_dir)`` builds everything by name from a validated config (see
+``cpl_fast.train.config``); ``fit()`` trains to the configured number of optimiser steps. The
+objective is a step function from ``STEPS`` (``literal``, ``loop``, ``fast``: the CPL steps; ``l1``:
+plain L1, for the dense and sparse baselines without CPR), all with the signature
+``step(model, batch, features, cpr_loss, sampler, m, generator) -> CPLStepOutput``.
+
+Reproducibility: the batches come from ``TaskBalancedSampler`` (a function of seed, epoch and
+position), the negatives from a dedicated ``torch.Generator``, so a run restarted from a checkpoint
+with ``resume=True`` replays exactly what the uninterrupted run would have done.
+
+Distributed (``torchrun``): each process takes every ``world_size``-th sample of the same stream;
+the step runs inside DDP's forward (a wrapper module), so DDP sees one forward per backward and
+averages gradients. Negatives are drawn for the global batch (routings and task ids are gathered)
+with the same generator on every rank, so ``N`` processes with batch ``b`` compute what one process
+with batch ``N b`` computes.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cpl_fast.data import (DEGRADATIONS, ArrayPairs, EvalDataset, FilePairs, Sample, TaskBalancedSampler,
+                           TrainDataset, build_task_ids, worker_init_fn)
+from cpl_fast.data.io import is_image_file
+from cpl_fast.losses import CPRLoss, build_features
+from cpl_fast.models import Routing, build_model
+from cpl_fast.train.checkpointing import latest_checkpoint, read_checkpoint, save_checkpoint
+from cpl_fast.train.config import ConfigError, model_k_n
+from cpl_fast.train.ema import EMA
+from cpl_fast.train.literal_step import literal_cpl_step
+from cpl_fast.train.loop_step import loop_cpl_step
+from cpl_fast.train.samplers import OtherTask, build_sampler
+from cpl_fast.train.schedule import build_scheduler
+from cpl_fast.train.step_inputs import unpack_batch
+from cpl_fast.train.step_output import CPLStepOutput
+
+StepFn = Callable[..., CPLStepOutput]
+
+
+# --------------------------------------------------------------------------------- step registry
+
+def l1_step(model: nn.Module, batch: Sequence, features: nn.Module | None = None, cpr_loss: nn.Module | None = None,
+            sampler: Any = None, m: int = 0, generator: torch.Generator | None = None) -> CPLStepOutput:
+    """Plain L1 restoration loss (no CPR): the objective of the dense and sparse baselines."""
+    degraded, target, _ = unpack_batch(batch)
+    restored, routing = model(degraded, return_routing=True)
+    l1 = (restored - target).abs().mean()
+    zero = l1.new_zeros(())
+    empty = l1.new_zeros(degraded.shape[0])
+    return CPLStepOutput(loss=l1, l1=l1, cpr=zero, l_pos=empty, l_neg=empty, restored=restored,
+                         routing=list(routing), negatives=[])
+
+
+def _fast_step() -> StepFn:
+    try:
+        module = importlib.import_module("cpl_fast.train.fast_step")
+        return module.fast_cpl_step
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"objective 'fast' needs cpl_fast.train.fast_step.fast_cpl_step, which is not "
+                          f"available ({exc}); use objective loop or literal") from exc
+
+
+# Resolvers, so an objective whose module is missing fails only when it is asked for.
+STEPS: dict[str, Callable[[], StepFn]] = {
+    "literal": lambda: literal_cpl_step,
+    "loop": lambda: loop_cpl_step,
+    "fast": _fast_step,
+    "l1": lambda: l1_step,
+}
+
+
+def resolve_objective(name: str) -> tuple[str, StepFn]:
+    """``(name, step)``; ``auto`` is ``fast`` when its module imports, else ``loop`` (the choice is returned)."""
+    if name == "auto":
+        try:
+            return "fast", _fast_step()
+        except ConfigError:
+            return "loop", loop_cpl_step
+    if name not in STEPS:
+        raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(STEPS)} or auto")
+    return name, STEPS[name]()
+
+
+# ----------------------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(use_cuda: bool) -> DistInfo:
+    """Join the process group ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return DistInfo(rank, world_size, local_rank)
+
+
+class GlobalBatchSampler:
+    """Draws negatives for the global batch of a DDP job and returns this rank's rows.
+
+    Routings (detached) and task ids of every rank are gathered and put in the order one process
+    would see them (rank ``r``'s row ``i`` is global row ``i * world_size + r``, as the data sampler
+    interleaves); every rank calls the wrapped sampler with the same generator state on the same
+    global batch, so all ranks draw the same negatives, and the same as one process would.
+    """
+
+    def __init__(self, inner: Any, info: DistInfo) -> None:
+        self.inner, self.info = inner, info
+        if hasattr(inner, "sample_level"):
+            self.sample_level = self._sample_level
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self.info.world_size)]
+        dist.all_gather(parts, tensor.detach().contiguous())
+        # (W, b, ...) -> (b, W, ...) -> (b W, ...): interleaved like the data sampler's shards.
+        return torch.stack(parts).transpose(0, 1).reshape(-1, *tensor.shape[1:])
+
+    def _gather_routing(self, routing: Routing) -> Routing:
+        probs = None if routing.probs is None else self._gather(routing.probs)
+        return Routing(self._gather(routing.indices), self._gather(routing.weights), probs)
+
+    def _mine(self, routing: Routing) -> Routing:
+        r, w = self.info.rank, self.info.world_size
+        probs = None if routing.probs is None else routing.probs[r::w]
+        return Routing(routing.indices[r::w], routing.weights[r::w], probs)
+
+    def __call__(self, routings: Sequence[Routing], m: int, task_ids: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> list[list[Routing]]:
+        tasks = None if task_ids is None else self._gather(task_ids)
+        negatives = self.inner([self._gather_routing(r) for r in routings], m, task_ids=tasks, generator=generator)
+        return [[self._mine(r) for r in negative] for negative in negatives]
+
+    def _sample_level(self, level: int, routing: Routing, m: int, task_ids: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> list[Routing]:
+        tasks = None if task_ids is None else self._gather(task_ids)
+        negatives = self.inner.sample_level(level, self._gather_routing(routing), m, task_ids=tasks,
+                                            generator=generator)
+        return [self._mine(r) for r in negatives]
+
+
+class StepModule(nn.Module):
+    """The model with its objective as ``forward``, so DDP wraps one whole step (one forward, one backward)."""
+
+    def __init__(self, model: nn.Module, step: StepFn) -> None:
+        super().__init__()
+        self.model = model
+        self.step = step
+
+    def forward(self, batch: Sequence, context: "StepContext") -> CPLStepOutput:
+        return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
+                         sampler=context.sampler, m=context.m, generator=context.generator)
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the model and the batch (kept out of DDP's module tree)."""
+
+    features: nn.Module | None
+    cpr_loss: nn.Module | None
+    sampler: Any
+    m: int
+    generator: torch.Generator
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def _clean_samples(folder: Path, tasks: Sequence[str]) -> list[Sample]:
+    """Every clean image of ``folder`` under every degradation of ``tasks`` (synthesised on load)."""
+    if not folder.is_dir():
+        raise ConfigError(f"data root {folder} does not exist (layout 'clean' wants a folder of clean images)")
+    unknown = [t for t in tasks if t not in DEGRADATIONS]
+    if unknown:
+        raise ConfigError(f"data.tasks has unknown degradations {unknown}; known: {sorted(DEGRADATIONS)}")
+    images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
+    if not images:
+        raise ConfigError(f"data root {folder} holds no images")
+    return [Sample(target=p, task=t, degradation=t) for t in tasks for p in images]
+
+
+def build_sources(data: Mapping[str, Any]) -> tuple[Any, Any | None]:
+    """The training and (when the layout has one) test pair sources of a data config."""
+    layout = data["layout"]
+    if layout == "embedded":
+        from cpl_fast.data import embedded_pairs
+
+        return embedded_pairs("train"), embedded_pairs("test")
+    if data["root"] is None:
+        raise ConfigError(f"data layout {layout!r} needs a data root: pass --data ROOT or --set data.root=ROOT")
+    root = Path(data["root"])
+    if not root.exists():
+        raise ConfigError(f"data root {root} does not exist")
+    if layout == "clean":
+        train = FilePairs(_clean_samples(root, data["tasks"]))
+        test = FilePairs(_clean_samples(Path(data["test_root"]), data["tasks"])) if data["test_root"] else None
+        return train, test
+    if layout in ("weatherbench", "paired"):
+        train = FilePairs.from_layout(layout, str(root))
+        test = FilePairs.from_layout(layout, data["test_root"]) if data["test_root"] else None
+        return train, test
+    train = FilePairs.from_layout(layout, str(root), data["train_split"] or "train")
+    test = FilePairs.from_layout(layout, str(data["test_root"] or root), data["test_split"] or "test")
+    return train, test
+
+
+# --------------------------------------------------------------------------------------- trainer
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r} but CUDA is not available")
+        if name == "cuda":
+            return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
+    return torch.device(name)
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states: torch CPU (and CUDA), numpy, Python."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Builds a run from a validated config and trains it (``fit``); ``resume=True`` continues the
+    newest checkpoint of ``run_dir`` exactly."""
+
+    def __init__(self, config: Mapping[str, Any], run_dir: str | Path, resume: bool = False,
+                 info: DistInfo | None = None, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.info = info or DistInfo()
+        self.log = log if self.info.is_main else (lambda message: None)
+        if config["threads"] is not None:
+            torch.set_num_threads(config["threads"])
+        self.device = resolve_device(config["device"], self.info)
+        if config["amp"] != "none" and self.device.type != "cuda":
+            raise ConfigError(f"amp={config['amp']} needs a CUDA GPU; this run is on {self.device}")
+        self.dtype = torch.float64 if config["precision"] == "float64" else torch.float32
+        self.objective, step = resolve_objective(config["objective"])
+        seed = config["seed"]
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+        self._build_data()
+        self.model = self._build_model().to(self.device, self.dtype)
+        self.ema = EMA(self.model, config["ema"]["decay"]) if config["ema"]["enabled"] else None
+        self.context = self._build_context()
+        self.step_module = StepModule(self.model, step)
+        self.runner: nn.Module = self.step_module
+        if self.info.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            # No find_unused_parameters: each prompt bank is one parameter, so every parameter gets a
+            # gradient at every step.
+            self.runner = DDP(self.step_module, device_ids=device_ids)
+        optim = config["optim"]
+        cls = torch.optim.AdamW if optim["name"] == "adamw" else torch.optim.Adam
+        self.optimizer = cls(self.model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
+                             weight_decay=optim["weight_decay"])
+        self.total_steps = self._total_steps()
+        sched = config["schedule"]
+        self.scheduler = build_scheduler(self.optimizer, sched["name"], self.total_steps, sched["warmup_epochs"],
+                                         sched["schedule_epochs"], sched["min_lr"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config["amp"] == "fp16")
+        self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
+        self.history: list[dict[str, float]] = []
+        self._iterator = None
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------ building
+
+    def _build_data(self) -> None:
+        data = self.config["data"]
+        self.train_source, self.test_source = build_sources(data)
+        tasks = list(self.train_source.tasks) + (list(self.test_source.tasks) if self.test_source else [])
+        self.task_ids = build_task_ids(tasks)
+        self.num_tasks = len(set(self.task_ids[t] for t in self.train_source.tasks))
+        self.train_set = TrainDataset(self.train_source, patch_size=data["crop"], seed=self.config["seed"],
+                                      task_ids=self.task_ids, augment=data["augment"])
+        self.sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data["samples_per_epoch"],
+                                           seed=self.config["seed"], balanced=data["balanced"],
+                                           rank=self.info.rank, world_size=self.info.world_size)
+        self.batches_per_epoch = self.sampler.per_rank // data["batch"]
+        if self.batches_per_epoch < 1:
+            raise ConfigError(f"an epoch has {self.sampler.per_rank} samples per process, fewer than data.batch="
+                              f"{data['batch']}; raise data.samples_per_epoch or lower the batch")
+        self.loader_generator = torch.Generator().manual_seed(self.config["seed"])
+        self.loader = DataLoader(self.train_set, batch_size=data["batch"], sampler=self.sampler, drop_last=True,
+                                 num_workers=data["num_workers"], worker_init_fn=worker_init_fn,
+                                 generator=self.loader_generator, pin_memory=self.device.type == "cuda",
+                                 persistent_workers=False)
+        self.eval_set = (EvalDataset(self.test_source, seed=self.config["seed"], task_ids=self.task_ids)
+                         if self.test_source is not None else None)
+
+    def _build_model(self) -> nn.Module:
+        model_cfg = self.config["model"]
+        kwargs = dict(model_cfg["overrides"])
+        if model_cfg["k"] is not None:
+            kwargs["top_k"] = None if model_cfg["k"] == "all" else model_cfg["k"]
+        if model_cfg["n"] is not None:
+            kwargs["num_prompts"] = model_cfg["n"]
+        return build_model(model_cfg["preset"], **kwargs)
+
+    def _build_context(self) -> StepContext:
+        cpr = self.config["cpr"]
+        generator = torch.Generator(device=self.device).manual_seed(self.config["seed"] + 1)
+        if self.objective == "l1":
+            return StepContext(None, None, None, 0, generator)
+        features = build_features(cpr["features"], **cpr["feature_options"]).to(self.device, self.dtype)
+        cpr_loss = CPRLoss(alpha=cpr["alpha"], form=cpr["form"])
+        _, n = model_k_n(self.config)
+        if cpr["sampler"] == "other_task":
+            sampler = build_sampler("other_task", num_tasks=self.num_tasks, memory_size=cpr["memory_size"])
+        else:
+            sampler = build_sampler("mismatched_experts", num_prompts=n)
+        self.negative_sampler = sampler
+        if self.info.enabled:
+            sampler = GlobalBatchSampler(sampler, self.info)
+        return StepContext(features, cpr_loss, sampler, cpr["m"], generator)
+
+    def _total_steps(self) -> int:
+        train = self.config["train"]
+        if train["iterations"] is not None:
+            return train["iterations"]
+        steps = train["epochs"] * self.batches_per_epoch // self.config["optim"]["accumulate"]
+        if steps < 1:
+            raise ConfigError("train.epochs gives no optimiser step; raise it or set train.iterations")
+        return steps
+
+    # ------------------------------------------------------------------------------ state
+
+    def _sampler_memory(self) -> Any:
+        sampler = getattr(self, "negative_sampler", None)
+        if isinstance(sampler, OtherTask):
+            return [list(entries) for entries in sampler.memory]
+        return None
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": capture_rng(),
+                "negative_generator": self.context.generator.get_state(),
+                "loader_generator": self.loader_generator.get_state(),
+                "sampler_memory": self._sampler_memory(), "history": self.history}
+
+    def info_json(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
+                "sampler": {"epoch": self.epoch, "start": self.batches_in_epoch * self.config["data"]["batch"],
+                            "seed": self.sampler.seed},
+                "world_size": self.info.world_size, "total_steps": self.total_steps,
+                "objective": self.objective}
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step (rank 0 writes; the others wait)."""
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(), self.info_json(),
+                                   ema=self.ema.module if self.ema else None, keep=self.config["checkpoint"]["keep"])
+        if self.info.enabled:
+            dist.barrier()
+        return path
+
+    def _resume(self) -> None:
+        folder = latest_checkpoint(self.run_dir)
+        info, state = read_checkpoint(folder, self.model, self.ema.module if self.ema else None,
+                                      map_location="cpu")
+        if info["world_size"] != self.info.world_size:
+            raise ConfigError(f"checkpoint {folder} was written by {info['world_size']} process(es); resume it "
+                              f"with the same number (this job has {self.info.world_size})")
+        self.step, self.epoch, self.batches_in_epoch = info["step"], info["epoch"], info["batches_in_epoch"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.context.generator.set_state(state["negative_generator"])
+        self.loader_generator.set_state(state["loader_generator"])
+        if state["sampler_memory"] is not None:
+            for entries, saved in zip(self.negative_sampler.memory, state["sampler_memory"], strict=True):
+                entries.clear()
+                entries.extend(tuple((i.to(self.device), w.to(self.device)) for i, w in row) for row in saved)
+        self.history = list(state["history"])
+        restore_rng(state["rng"])
+        self.log(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch}, batch {self.batches_in_epoch})")
+
+    # ------------------------------------------------------------------------------ loop
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.batches_in_epoch >= self.batches_per_epoch:
+            self.epoch, self.batches_in_epoch, self._iterator = self.epoch + 1, 0, None
+        if self._iterator is None:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_start(self.batches_in_epoch * self.config["data"]["batch"])
+            self._iterator = iter(self.loader)
+        item = next(self._iterator)
+        self.batches_in_epoch += 1
+        move = dict(device=self.device, non_blocking=True)
+        return (item["input"].to(dtype=self.dtype, **move), item["target"].to(dtype=self.dtype, **move),
+                item["task_id"].to(**move))
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        amp = self.config["amp"]
+        if amp == "none":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimiser step over ``optim.accumulate`` micro-batches; returns the logged terms."""
+        accumulate = self.config["optim"]["accumulate"]
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "l1": 0.0, "cpr": 0.0, "l_pos": 0.0, "l_neg": 0.0}
+        for micro in range(accumulate):
+            batch = self._next_batch()
+            last = micro == accumulate - 1
+            sync = contextlib.nullcontext() if last or not self.info.enabled else self.runner.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.runner(batch, self.context)
+                self.scaler.scale(out.loss / accumulate).backward()
+            for key in sums:
+                value = getattr(out, key)
+                sums[key] += float(value.detach().float().mean()) / accumulate if value.numel() else 0.0
+        grad_clip = self.config["optim"]["grad_clip"]
+        if grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return sums
+
+    def eval_model(self) -> nn.Module:
+        """The weights to evaluate: the EMA when enabled, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train until ``total_steps``; checkpoint every ``checkpoint.every`` steps and at the end."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        writer = self._tensorboard()
+        wandb_run = self._wandb()
+        images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg['name']} [{self.objective}]",
+                   disable=not (cfg["logging"]["progress"] and self.info.is_main), dynamic_ncols=True)
+        start_step, started = self.step, time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                tick = time.perf_counter()
+                terms = self.train_step()
+                elapsed = time.perf_counter() - tick
+                terms.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_per_step / max(elapsed, 1e-9),
+                             seconds=elapsed, step=self.step)
+                self.history.append(terms)
+                bar.update(1)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}", cpr=f"{terms['cpr']:.2e}",
+                                img_s=f"{terms['images_per_s']:.1f}", refresh=False)
+                if writer is not None:
+                    for key, value in terms.items():
+                        if key != "step":
+                            writer.add_scalar(f"train/{key}", value, self.step)
+                if wandb_run is not None:
+                    wandb_run.log(terms, step=self.step)
+                if not cfg["logging"]["progress"] and self.step % cfg["train"]["log_every"] == 0:
+                    done = self.step - start_step
+                    eta = (time.perf_counter() - started) / done * (self.total_steps - self.step)
+                    self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} l1 {terms['l1']:.5f} "
+                             f"cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} {terms['images_per_s']:.1f} img/s "
+                             f"eta {eta:.0f}s")
+                if not math.isfinite(terms["loss"]):
+                    raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
+                if self.step % cfg["checkpoint"]["every"] == 0 and self.step < self.total_steps:
+                    path = self.save()
+                    self.log(f"checkpoint {path}")
+            path = self.save()
+            self.log(f"checkpoint {path}")
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+            if wandb_run is not None:
+                wandb_run.finish()
+        return self.history
+
+    def _tensorboard(self):
+        if not (self.config["logging"]["tensorboard"] and self.info.is_main):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
+        writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```", self.step)
+        return writer
+
+    def _wandb(self):
+        if not (self.config["logging"]["wandb"] and self.info.is_main):
+            return None
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ConfigError("logging.wandb=true but wandb is not installed: pip install wandb "
+                              "(or leave logging.wandb=false; TensorBoard logs are written by default)") from exc
+        return wandb.init(project=self.config["logging"]["wandb_project"], name=self.run_dir.name,
+                          dir=str(self.run_dir), config=dict(self.config), resume="allow")
