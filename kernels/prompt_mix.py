@@ -13,8 +13,8 @@
 
 Accumulation is float32, or float64 for float64 inputs (so the interpreter test in float64 is
 exact). Offsets are int64. Strides are passed, so no input is copied. Written with plain pointer
-arithmetic and masked ``tl.load``/``tl.store``/``tl.atomic_add`` only (no block pointers), which
-every Triton release since 3.0 compiles.
+arithmetic and masked ``tl.load``/``tl.store``/``tl.atomic_add`` only (no block pointers, which newer
+Triton releases removed), so older and newer Triton 3.x releases compile the same source.
 """
 from __future__ import annotations
 
