@@ -12,12 +12,16 @@ def prompt_mix_reference(bank: torch.Tensor, indices: torch.Tensor, weights: tor
                          size: tuple[int, int]) -> torch.Tensor:
     """``out[b] = sum_j weights[b, j] * bilinear(bank[indices[b, j]], size)``.
 
-    Gathers the ``k`` selected experts, mixes them at the bank's resolution, then resizes once
-    (bilinear resize is linear, so mixing before or after it is the same function).
+    Mixes the selected experts at the bank's resolution, then resizes once (bilinear resize is
+    linear, so mixing before or after it is the same function). The mix is one ``(B, n)`` matrix
+    (the kept weights scattered, duplicates summed) times the flattened bank, so no
+    ``B x k x C x S x S'`` gather is allocated, whatever ``k`` is (the dense PromptIR has ``k = n``).
     bank ``(n, C, S, S')``, indices ``(B, k)`` int64, weights ``(B, k)`` -> ``(B, C, H, W)``.
     """
-    selected = bank[indices]                                     # (B, k, C, S, S')
-    mixed = torch.einsum("bk,bkchw->bchw", weights.to(bank.dtype), selected)
+    n, channels, height, width = bank.shape
+    mix = weights.new_zeros(indices.shape[0], n).to(bank.dtype)
+    mix = mix.scatter_add(1, indices, weights.to(bank.dtype))
+    mixed = (mix @ bank.reshape(n, -1)).view(-1, channels, height, width)
     return F.interpolate(mixed, size=tuple(size), mode="bilinear", align_corners=False)
 
 
