@@ -27,7 +27,8 @@ def make_model(name: str, top_k: int, dtype: torch.dtype) -> nn.Module:
 def make_batch(batch: int, dtype: torch.dtype, tasks: list[int] | None, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     target = torch.rand(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
-    degraded = (target + 0.2 * torch.randn(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64)).clamp(0, 1)
+    noise = torch.randn(batch, 3, SIZE, SIZE, generator=g, dtype=torch.float64)
+    degraded = (target + 0.2 * noise).clamp(0, 1)
     pair = (degraded.to(dtype), target.to(dtype))
     return pair if tasks is None else (*pair, torch.tensor(tasks))
 
@@ -96,10 +97,10 @@ def test_fast_equals_literal(features, name, dtype, form, sampler_name, m, k, we
         negatives = make_sampler()(routing, m, task_ids=batch[2] if tasks else None,
                                    generator=torch.Generator().manual_seed(9))
     run = dict(m=m, negatives=negatives, neg_weights=neg_weights)
-    literal = literal_cpl_step(model, batch, feats, loss, make_sampler(), generator=torch.Generator().manual_seed(3),
-                               **run)
-    fast = fast_cpl_step(model, batch, feats, loss, make_sampler(), generator=torch.Generator().manual_seed(3),
-                         neg_chunk=neg_chunk, **run)
+    seed = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    literal = literal_cpl_step(model, batch, feats, loss, make_sampler(), generator=seed(), **run)
+    fast = fast_cpl_step(model, batch, feats, loss, make_sampler(), generator=seed(), neg_chunk=neg_chunk,
+                         **run)
     if given:
         assert fast.negatives is negatives
     assert_same_step(fast, literal, model, 1e-10 if dtype == torch.float64 else 1e-4)
@@ -153,7 +154,8 @@ def test_sample_level_reproduces_the_full_call():
     g = torch.Generator().manual_seed(0)
     routings = []
     for _ in range(3):
-        weights, indices = torch.softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), 1).topk(2, dim=1)
+        probs = torch.softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), 1)
+        weights, indices = probs.topk(2, dim=1)
         routings.append(Routing(indices, weights, None))
     sampler = MismatchedExperts(6)
     full = sampler(routings, 4, generator=torch.Generator().manual_seed(7))

@@ -107,12 +107,14 @@ class PromptNAFNet(nn.Module):
         super().__init__()
         levels = len(enc_blocks)
         if levels < 1 or len(dec_blocks) != levels:
-            raise ValueError(f"PromptNAFNet: enc_blocks and dec_blocks need the same number (>= 1) of levels, "
-                             f"got {tuple(enc_blocks)} and {tuple(dec_blocks)}")
+            raise ValueError("PromptNAFNet: enc_blocks and dec_blocks need the same number (>= 1) of "
+                             f"levels, got {tuple(enc_blocks)} and {tuple(dec_blocks)}")
         # Channels at each decoder level's input, deepest first.
         dec_channels = [width * 2 ** (levels - i) for i in range(levels)]
         prompt_dims = tuple(prompt_dims) if prompt_dims is not None else tuple(c // 4 for c in dec_channels)
-        prompt_sizes = tuple(prompt_sizes) if prompt_sizes is not None else tuple(8 * 2 ** i for i in range(levels))
+        if prompt_sizes is None:
+            prompt_sizes = tuple(8 * 2 ** i for i in range(levels))
+        prompt_sizes = tuple(prompt_sizes)
         for name, value in (("prompt_dims", prompt_dims), ("prompt_sizes", prompt_sizes)):
             if len(value) != levels:
                 raise ValueError(f"PromptNAFNet: {name} needs {levels} entries (one per decoder level), "
@@ -134,10 +136,12 @@ class PromptNAFNet(nn.Module):
         self.prompts, self.fuses = nn.ModuleList(), nn.ModuleList()
         self.ups, self.decoders = nn.ModuleList(), nn.ModuleList()
         for level, count in enumerate(dec_blocks):
-            self.prompts.append(SparsePromptModule(prompt_dims[level], num_prompts, prompt_sizes[level], channels,
+            self.prompts.append(SparsePromptModule(prompt_dims[level], num_prompts, prompt_sizes[level],
+                                                   channels,
                                                    top_k=top_k, renormalize=renormalize))
             self.fuses.append(nn.Conv2d(channels + prompt_dims[level], channels, 1, bias=False))
-            self.ups.append(nn.Sequential(nn.Conv2d(channels, 2 * channels, 1, bias=False), nn.PixelShuffle(2)))
+            up = nn.Conv2d(channels, 2 * channels, 1, bias=False)    # 2C channels -> C at twice the size
+            self.ups.append(nn.Sequential(up, nn.PixelShuffle(2)))
             channels //= 2
             self.decoders.append(_blocks(channels, count))
         self.ending = nn.Conv2d(width, out_channels, 3, padding=1)

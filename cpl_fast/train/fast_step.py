@@ -106,7 +106,8 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
             positive = _first_rows(own, size)
             routing_slots[level] = positive
             if negatives is None:
-                per_negative = sampler.sample_level(level, positive, m, task_ids=task_ids, generator=generator)
+                per_negative = sampler.sample_level(level, positive, m, task_ids=task_ids,
+                                                    generator=generator)
                 for t in range(m):
                     drawn[t][level] = per_negative[t]
             return _cat_rows([positive] + [drawn[t][level] for t in range(start, stop)])
