@@ -1,0 +1,238 @@
+"""A full CPL training step (forward, backward, Adam) with m = 4 negatives, k = 1, six ways.
+
+Cases: the ``cpl`` model (the paper's size) on 64x64 crops, batch 1 and 2; the ``tiny`` model on
+128x128 crops, batch 4. Providers: ``literal`` (Algorithm 1, per sample), ``loop`` (batched, one
+pass per negative), ``fast_reference`` / ``fast_fused`` (one encode, one decoder pass over
+``B (1 + m)`` rows; ``cpr_distances`` forced to the reference backend / left to dispatch, the fused
+kernel), ``compile_loop`` / ``compile_fast`` (``torch.compile`` of ``loop`` / ``fast_fused``).
+Features: VGG19 with random weights (same cost as the real one), taps relu1_1 ... relu5_1.
+
+Reported per case and provider: median time per step, images/s, peak memory and the FLOPs the
+step does. Peak memory is measured twice: the extra bytes of PyTorch's allocator during one step
+(``peak_memory`` of conftest.py, every provider), and, for the eager providers on the CPU, the rise
+of the process's resident-set high-water mark (``ru_maxrss``) over its resident size just before
+one step run in a fresh subprocess (what the operating system sees, the allocator's caching
+included; that step also allocates the gradients and Adam's state, the same for every provider).
+FLOPs: ``torch.utils.flop_counter`` over one eager step (compiled providers do the same maths).
+
+CPU steps take tens of seconds on a 2-core CPU (VGG19 on every restoration dominates), so to stay
+within about 20 minutes: pedantic mode, ``CPR_STEP_ROUNDS`` timed rounds (default 1) after one
+warm-up; the eager warm-up step is the one measured for memory and FLOPs; ``literal`` and the
+compiled providers run on ``cpl-64-b1`` only, the fresh-process RSS only with ``CPR_STEP_RSS=1``.
+``torch.compile`` providers run last; one whose first (compiling) step takes
+longer than ``CPR_STEP_COMPILE_LIMIT_S`` (default 300 s), or that would start after
+``CPR_STEP_BUDGET_S`` (default 900 s) of this module, is skipped with the measured reason.
+Run with ``pytest bench/test_cpr_step.py``; nothing here asserts a speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from cpl_fast.losses import CPRLoss, PerceptualFeatures
+from cpl_fast.models import build_model
+from cpl_fast.train import MismatchedExperts, fast_cpl_step, loop_cpl_step, literal_cpl_step
+
+M = 4
+CASES = {"cpl-64-b1": ("cpl", 64, 1), "cpl-64-b2": ("cpl", 64, 2), "tiny-128-b4": ("tiny", 128, 4)}
+EAGER = ["literal", "loop", "fast_reference", "fast_fused"]
+COMPILED = ["compile_loop", "compile_fast"]
+ROUNDS = int(os.environ.get("CPR_STEP_ROUNDS", "1"))
+COMPILE_LIMIT_S = float(os.environ.get("CPR_STEP_COMPILE_LIMIT_S", "300"))
+BUDGET_S = float(os.environ.get("CPR_STEP_BUDGET_S", "900"))
+# The slowest provider and the costly measurements run on the smallest case only (time budget).
+SMALL = "cpl-64-b1"
+RSS = os.environ.get("CPR_STEP_RSS", "0") == "1"
+START = time.perf_counter()
+RESULTS: dict[tuple[str, str], dict] = {}
+
+
+def make_setup(case: str):
+    """Model (train mode), features, loss, sampler, Adam and a seeded batch for one case."""
+    preset, size, batch = CASES[case]
+    torch.manual_seed(0)
+    model = build_model(preset).train()
+    features = PerceptualFeatures.random_vgg19(seed=0)
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(batch, 3, size, size, generator=gen)
+    degraded = (target + 0.1 * torch.randn(batch, 3, size, size, generator=gen)).clamp(0, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    return model, features, CPRLoss(), MismatchedExperts(model.num_prompts), optimizer, (degraded, target)
+
+
+def step_fn(provider: str):
+    """The step function of a provider (without ``torch.compile``) and the cpr_distances backend it forces."""
+    return {"literal": (literal_cpl_step, None), "loop": (loop_cpl_step, None),
+            "fast_reference": (fast_cpl_step, "reference"), "fast_fused": (fast_cpl_step, None),
+            "compile_loop": (loop_cpl_step, None), "compile_fast": (fast_cpl_step, None)}[provider]
+
+
+def make_train_step(case: str, provider: str):
+    """``train_step()``: zero grads, CPL step, backward, Adam step; and the batch size."""
+    model, features, loss, sampler, optimizer, batch = make_setup(case)
+    fn, backend = step_fn(provider)
+    if provider.startswith("compile"):
+        fn = torch.compile(fn, dynamic=False)
+    generator = torch.Generator().manual_seed(0)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = fn(model, batch, features, loss, sampler, m=M, generator=generator)
+        out.loss.backward()
+        optimizer.step()
+
+    def with_backend() -> None:
+        previous = os.environ.get("CPL_FAST_BACKEND")
+        if backend is not None:
+            os.environ["CPL_FAST_BACKEND"] = backend
+        try:
+            train_step()
+        finally:
+            if backend is not None:
+                if previous is None:
+                    del os.environ["CPL_FAST_BACKEND"]
+                else:
+                    os.environ["CPL_FAST_BACKEND"] = previous
+    return with_backend, batch[0].shape[0]
+
+
+def count_flops(train_step) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step()
+    return counter.get_total_flops()
+
+
+def rss_in_subprocess(case: str, provider: str) -> dict:
+    """Peak resident-set rise of one step in a fresh process (see the module docstring)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, __file__, "--rss", case, provider], capture_output=True, text=True,
+                          env=env, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_main(case: str, provider: str) -> None:
+    train_step, _ = make_train_step(case, provider)
+    before, high_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    train_step()
+    high_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # When the step never exceeds the earlier high-water mark, its peak is only bounded above.
+    print(json.dumps({"rss_peak_rise_bytes": high_after - before, "exact": high_after > high_before}))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_summary(bench_notes):
+    """After the last case, add the summary below the results table."""
+    yield
+    if RESULTS:
+        bench_notes["cpr_step"].extend(summary())
+
+
+ORDER = [("literal", SMALL)] + [(provider, case) for provider in EAGER[1:] for case in CASES] + \
+        [(provider, SMALL) for provider in COMPILED]
+
+
+@pytest.mark.parametrize("provider,case", ORDER, ids=[f"{p}-{c}" for p, c in ORDER])
+def test_cpr_step_full(benchmark, peak_memory, bench_notes, device, provider, case):
+    if device.type != "cpu":
+        pytest.skip("this benchmark is the CPU comparison; the models would need moving to the GPU")
+    benchmark.group = "cpr_step-full"
+    benchmark.extra_info.update(case=case, provider=provider)
+    compiled = provider.startswith("compile")
+    elapsed = time.perf_counter() - START
+    if compiled and elapsed > BUDGET_S:
+        reason = f"skipped: the module had run {elapsed:.0f} s, over its {BUDGET_S:.0f} s budget"
+        RESULTS[(case, provider)] = {"skipped": reason}
+        pytest.skip(reason)
+    train_step, batch = make_train_step(case, provider)
+
+    started = time.perf_counter()
+    measured: dict = {}
+    try:
+        if compiled:
+            train_step()                                      # warm-up: compilation
+        else:                                                 # warm-up: memory and FLOPs of one step
+            measured["peak_extra_bytes"] = peak_memory(lambda: measured.update(flops=count_flops(train_step)))
+    except Exception as error:                                # a compiler failure is a result to report
+        if not compiled:
+            raise
+        reason = f"skipped: compilation failed: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        RESULTS[(case, provider)] = {"skipped": reason}
+        pytest.skip(reason)
+    first = time.perf_counter() - started
+    benchmark.extra_info["first_step_s"] = first
+    if compiled and first > COMPILE_LIMIT_S:
+        reason = f"skipped: compiling took {first:.0f} s (> {COMPILE_LIMIT_S:.0f} s)"
+        RESULTS[(case, provider)] = {"skipped": reason}
+        pytest.skip(reason)
+    benchmark.pedantic(train_step, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+
+    record = {"median_s": benchmark.stats.stats.median, "batch": batch, "first_step_s": first, **measured}
+    if compiled:
+        record["peak_extra_bytes"] = peak_memory(train_step)
+    elif RSS:
+        record.update(rss_in_subprocess(case, provider))
+    benchmark.extra_info.update(record)
+    RESULTS[(case, provider)] = record
+
+
+def summary() -> list[str]:
+    """Markdown: images/s, memory, FLOPs per case and provider, and the targets."""
+    lines = ["### per case and provider", "",
+             "| case | provider | ms/step | images/s | first step s | allocator peak MB | RSS peak rise MB "
+             "| GFLOP/step |", "|---|---|---|---|---|---|---|---|"]
+    for case in CASES:
+        for provider in EAGER + COMPILED:
+            r = RESULTS.get((case, provider))
+            if r is None:
+                continue
+            if "skipped" in r:
+                lines.append(f"| {case} | {provider} | {r['skipped']} | | | | | |")
+                continue
+            flops_of = provider if not provider.startswith("compile") else \
+                {"compile_loop": "loop", "compile_fast": "fast_fused"}[provider]
+            flops = RESULTS.get((case, flops_of), {}).get("flops")
+            rss = r.get("rss_peak_rise_bytes")
+            bound = "" if r.get("exact") else " (upper bound)"
+            rss_text = "-" if rss is None else f"{rss / 2**20:.0f}{bound}"
+            lines.append(f"| {case} | {provider} | {r['median_s'] * 1e3:.0f} "
+                         f"| {r['batch'] / r['median_s']:.2f} "
+                         f"| {r['first_step_s']:.1f} | {r['peak_extra_bytes'] / 2**20:.0f} | {rss_text} "
+                         f"| {'-' if flops is None else f'{flops / 1e9:.1f}'} |")
+    lines += ["", "### targets (reported, not asserted)", ""]
+    for case in CASES:
+        get = lambda p: RESULTS.get((case, p), {})  # noqa: E731
+        loop, fast, compiled_loop = get("loop"), get("fast_fused"), get("compile_loop")
+        if "median_s" in loop and "median_s" in fast:
+            lines.append(f"- {case}: fast_fused vs loop speed-up {loop['median_s'] / fast['median_s']:.2f}x "
+                         f"(target >= 1.25x on cpl); allocator peak fast_fused/loop "
+                         f"{fast['peak_extra_bytes'] / loop['peak_extra_bytes']:.2f} (target <= 1)")
+        best = [get(p)["median_s"] for p in ("fast_fused", "compile_fast") if "median_s" in get(p)]
+        if best and "median_s" in compiled_loop:
+            lines.append(f"- {case}: best of fast_fused/compile_fast {min(best) * 1e3:.0f} ms vs "
+                         f"compile_loop "
+                         f"{compiled_loop['median_s'] * 1e3:.0f} ms (target: not slower)")
+    lines += ["", f"Rounds: {ROUNDS} after one warm-up step. FLOPs of compiled providers: those of their "
+              "eager counterparts. Allocator peak: conftest's profiler-based count; RSS: fresh-process "
+              "high-water rise "
+              "(gradients and Adam state included).", ""]
+    return lines
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--rss":
+    _rss_main(sys.argv[2], sys.argv[3])
