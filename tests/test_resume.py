@@ -21,7 +21,8 @@ EVERY = 4
 SETTINGS = ["objective=loop", "cpr.sampler=other_task", "cpr.m=2", "ema.enabled=true", "ema.decay=0.9",
             "data.crop=32", "data.batch=4", "data.samples_per_epoch=20", f"train.iterations={TOTAL}",
             f"checkpoint.every={EVERY}", "checkpoint.keep=2", "logging.progress=false", "train.log_every=1",
-            "eval.before_after=false", "report.enabled=false", "baselines={}", "threads=1", "data.num_workers=0"]
+            "eval.before_after=false", "report.enabled=false", "baselines={}", "threads=1",
+            "data.num_workers=0"]
 
 
 def _command(*args: str) -> list[str]:
@@ -34,8 +35,8 @@ def _env() -> dict[str, str]:
 
 def _train(run_dir: Path) -> subprocess.Popen:
     sets = [item for s in SETTINGS for item in ("--set", s)]
-    return subprocess.Popen(_command("--preset", "demo", "--run-dir", str(run_dir), *sets), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(_command("--preset", "demo", "--run-dir", str(run_dir), *sets), cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_killed_run_resumes_bit_for_bit(tmp_path):
@@ -79,10 +80,10 @@ def test_killed_run_resumes_bit_for_bit(tmp_path):
 def test_old_checkpoints_are_pruned(tmp_path, keep):
     """Only the newest ``checkpoint.keep`` checkpoints stay (the finished uninterrupted run of the test above
     is not shared, so this runs a short one)."""
-    sets = [item for s in SETTINGS for item in ("--set", s)] + ["--set", "objective=l1", "--set",
-                                                                 "train.iterations=6", "--set", "checkpoint.every=2"]
-    done = subprocess.run(_command("--preset", "demo", "--run-dir", str(tmp_path), *sets), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    extra = ["objective=l1", "train.iterations=6", "checkpoint.every=2"]
+    sets = [item for s in SETTINGS + extra for item in ("--set", s)]
+    done = subprocess.run(_command("--preset", "demo", "--run-dir", str(tmp_path), *sets), cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000006"]

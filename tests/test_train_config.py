@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from cpl_fast.train.config import (DEFAULTS, PRESET_NAMES, ConfigError, apply_overrides, dump_yaml, flat_dotted,
-                                   load_config, merge, model_k_n, parse_override, read_yaml, set_dotted)
+from cpl_fast.train.config import (DEFAULTS, PRESET_NAMES, ConfigError, apply_overrides, dump_yaml,
+                                   flat_dotted, load_config, merge, model_k_n, parse_override, read_yaml,
+                                   set_dotted)
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.metrics import entropy_bits, pad_to_multiple, psnr, ssim
 from cpl_fast.train.schedule import WarmupCosine, build_scheduler, warmup_iterations
@@ -22,7 +23,8 @@ def test_every_preset_loads_and_validates(preset):
         # The paper's recipe (Section IV-B).
         assert config["optim"]["name"] == "adam" and config["optim"]["lr"] == 2e-4
         assert config["data"]["batch"] == 8 and config["data"]["crop"] == 128 and config["data"]["augment"]
-        assert config["cpr"]["alpha"] == 0.01 and config["cpr"]["m"] == 4 and config["cpr"]["features"] == "vgg19"
+        assert config["cpr"]["alpha"] == 0.01 and config["cpr"]["m"] == 4
+        assert config["cpr"]["features"] == "vgg19"
         assert model_k_n(config) == (1, 5)
         assert config["schedule"]["warmup_epochs"] == 15 and config["schedule"]["schedule_epochs"] == 150
 
@@ -46,10 +48,12 @@ def test_unknown_preset():
 
 
 def test_overrides_are_typed_yaml_and_dotted():
-    config = load_config("demo", overrides=["optim.lr=1e-3", "data.batch=3", "model.k=null", "data.augment=false",
-                                            "optim.betas=[0.5, 0.9]", "model.overrides.dim=16"])
+    config = load_config("demo", overrides=["optim.lr=1e-3", "data.batch=3", "model.k=null",
+                                            "data.augment=false", "optim.betas=[0.5, 0.9]",
+                                            "model.overrides.dim=16"])
     assert config["optim"]["lr"] == pytest.approx(1e-3) and isinstance(config["optim"]["lr"], float)
-    assert config["data"]["batch"] == 3 and config["model"]["k"] is None and config["data"]["augment"] is False
+    assert config["data"]["batch"] == 3 and config["model"]["k"] is None
+    assert config["data"]["augment"] is False
     assert config["optim"]["betas"] == [0.5, 0.9] and config["model"]["overrides"] == {"dim": 16}
     # Siblings survive a deep override.
     assert config["data"]["crop"] == load_config("demo")["data"]["crop"]
@@ -92,6 +96,7 @@ def test_merge_does_not_touch_its_inputs():
     (["cpr.m=5"], "need m <= n - 1 = 4"),
     (["model.n=3"], "need m <= n - 1 = 2"),
     (["amp=bf16", "device=cpu"], "amp=bf16 needs a CUDA GPU"),
+    (["amp=bf16", "device=cuda", "precision=float64"], "cannot be combined with precision=float64"),
     (["objective=fastest"], "objective must be one of"),
     (["data.crop=60"], "multiple of 8"),
     (["optim.lr=-1"], "optim.lr must be a number"),
@@ -133,7 +138,8 @@ def test_set_dotted_creates_entries_below_free_mappings():
 
 
 def test_defaults_are_the_paper_recipe_and_name_every_section():
-    assert {"model", "cpr", "optim", "schedule", "data", "train", "checkpoint", "ema", "logging"} <= set(DEFAULTS)
+    sections = {"model", "cpr", "optim", "schedule", "data", "train", "checkpoint", "ema", "logging"}
+    assert sections <= set(DEFAULTS)
     assert DEFAULTS["cpr"]["sampler"] == "mismatched_experts" and DEFAULTS["cpr"]["form"] == "difference"
 
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 import importlib
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from cpl_fast.data import EvalDataset, embedded_pairs
+from cpl_fast.data import EvalDataset, LayoutError, TrainDataset, embedded_pairs, write_png
 from cpl_fast.models import build_model
 from cpl_fast.train import checkpointing
 from cpl_fast.train.checkpointing import CheckpointError, latest_checkpoint, read_checkpoint
 from cpl_fast.train.cli import main
 from cpl_fast.train.config import ConfigError, load_config
 from cpl_fast.train.metrics import entropy_bits, evaluate
-from cpl_fast.train.trainer import STEPS, Trainer, l1_step, resolve_objective
+from cpl_fast.train.trainer import STEPS, Trainer, build_sources, l1_step, resolve_objective
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -112,6 +113,40 @@ def test_latest_checkpoint_errors(tmp_path):
         latest_checkpoint(tmp_path)
 
 
+def _write_images(folder, names, size=24, seed=0):
+    rng = np.random.default_rng(seed)
+    for name in names:
+        write_png(folder / f"{name}.png", rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8))
+
+
+def test_clean_layout_degrades_every_image_with_every_task(tmp_path):
+    _write_images(tmp_path / "clean", ["a", "b"])
+    _write_images(tmp_path / "test", ["c"], seed=1)
+    data = load_config("seven_task", data_root=str(tmp_path / "clean"),
+                       overrides=["data.tasks=[noise, blur]", f"data.test_root={tmp_path / 'test'}"])["data"]
+    train, test = build_sources(data)
+    expected = [("blur", "a"), ("blur", "b"), ("noise", "a"), ("noise", "b")]
+    assert sorted(zip(train.tasks, train.names)) == expected
+    assert list(test.tasks) == ["noise", "blur"] and len(test) == 2
+    item = TrainDataset(train, patch_size=16)[0]
+    assert item["input"].shape == (3, 16, 16) and not torch.equal(item["input"], item["target"])
+    with pytest.raises(ConfigError, match="unknown degradations"):
+        build_sources({**data, "tasks": ["snowfall"]})
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_sources({**data, "root": str(tmp_path / "none")})
+
+
+def test_paired_layout_and_layout_errors(tmp_path):
+    for side in ("input", "target"):
+        _write_images(tmp_path / "pairs" / side / "derain", ["x", "y"])
+    data = load_config("demo", overrides=["data.layout=paired", f"data.root={tmp_path / 'pairs'}"])["data"]
+    train, test = build_sources(data)
+    assert list(train.tasks) == ["derain", "derain"] and test is None
+    (tmp_path / "bad" / "input").mkdir(parents=True)
+    with pytest.raises(LayoutError, match="missing folder target"):
+        build_sources({**data, "root": str(tmp_path / "bad")})
+
+
 def test_l1_step_is_the_mean_absolute_error():
     model = build_model("tiny").double()
     x, y = torch.rand(2, 3, 16, 16, dtype=torch.float64), torch.rand(2, 3, 16, 16, dtype=torch.float64)
@@ -189,8 +224,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "== demo: model tiny, sparse (top-1)" in out and "== dense: model tiny_dense, dense" in out
-    for name in ("report.md", "loss_curves.png", "psnr_per_task.png", "selection_histograms.png", "result.json",
-                 "config.yaml", "dense/result.json", "dense/checkpoints/latest"):
+    for name in ("report.md", "loss_curves.png", "psnr_per_task.png", "selection_histograms.png",
+                 "result.json", "config.yaml", "dense/result.json", "dense/checkpoints/latest"):
         assert (run_dir / name).is_file(), name
     report = (run_dir / "report.md").read_text()
     assert "Selection entropy" in report and "| dehaze |" in report

@@ -114,7 +114,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
         raise CheckpointError(f"run folder {run_dir} does not exist")
     pointer = run_dir / CHECKPOINT_DIR / LATEST
     if not pointer.is_file():
-        raise CheckpointError(f"run folder {run_dir} has no checkpoint ({pointer} is missing): nothing to resume")
+        raise CheckpointError(f"run folder {run_dir} has no checkpoint ({pointer} is missing): "
+                              f"nothing to resume")
     folder = run_dir / CHECKPOINT_DIR / pointer.read_text(encoding="utf-8").strip()
     missing = [f for f in (STATE_JSON, TRAINER_STATE, MODEL_FILE) if not (folder / f).is_file()]
     if missing:

@@ -35,7 +35,8 @@ BEFORE_FILE = "eval_before.json"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpl-train", description="Train CPL / PromptIR models (cpl_fast)")
-    parser.add_argument("--preset", choices=PRESET_NAMES, help="a shipped recipe (cpl_fast/configs/<preset>.yaml)")
+    parser.add_argument("--preset", choices=PRESET_NAMES,
+                        help="a shipped recipe (cpl_fast/configs/<preset>.yaml)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
                         help="YAML file(s) applied after the preset, in order")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
@@ -43,14 +44,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", metavar="ROOT", help="data root (same as --set data.root=ROOT)")
     parser.add_argument("--run-dir", metavar="DIR", help="run folder (default runs/<name>-<timestamp>)")
     parser.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
-                        help="continue a run from its newest checkpoint (default: the newest run of this name)")
+                        help="continue a run from its newest checkpoint (default: the newest run of "
+                             "this config's name)")
     return parser
 
 
 def _newest_run(config: Mapping[str, Any]) -> Path:
     root = Path(config["run"]["root"])
-    candidates = sorted((p for p in root.glob(f"{config['name']}-*") if (p / CHECKPOINT_DIR / LATEST).is_file()),
-                        key=lambda p: p.stat().st_mtime)
+    runs = (p for p in root.glob(f"{config['name']}-*") if (p / CHECKPOINT_DIR / LATEST).is_file())
+    candidates = sorted(runs, key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise CheckpointError(f"no run of {config['name']!r} with a checkpoint under {root}/ to resume")
     return candidates[-1]
@@ -64,7 +66,8 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
         else:
             run_dir = _newest_run(load_config(args.preset, args.config, args.overrides, args.data))
         if not (run_dir / CONFIG_FILE).is_file():
-            raise CheckpointError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing): nothing to resume")
+            raise CheckpointError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing): "
+                                  f"nothing to resume")
         if not (run_dir / CHECKPOINT_DIR / LATEST).is_file() and not (run_dir / RESULT_FILE).is_file():
             raise CheckpointError(f"run folder {run_dir} has no checkpoint yet: nothing to resume")
         config = read_yaml(run_dir / CONFIG_FILE)
@@ -150,7 +153,8 @@ def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> li
             results.append(result)
     if info.is_main and config["report"]["enabled"]:
         notes = [f"Preset `{config['name']}`; every run used the same data, crops, batches, steps and seed "
-                 f"({config['seed']}). Scores are on full test images (RGB PSNR/SSIM, padded to a multiple of 8)."]
+                 f"({config['seed']}). Scores are on full test images (RGB PSNR/SSIM, padded to a multiple "
+                 f"of 8)."]
         path = write_report(results, run_dir, title=f"cpl-train report: {config['name']}", notes=notes)
         print(f"report: {path}")
     return results

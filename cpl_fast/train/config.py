@@ -33,7 +33,8 @@ PRECISIONS = ("float32", "float64")
 FEATURE_NAMES = ("vgg19", "efficientnet_lite0", "random_vgg19")
 # "embedded": the built-in three-task set; "clean": a folder of clean images degraded on the fly
 # (the seven-task setting); the rest are cpl_fast.data layouts.
-DATA_LAYOUTS = ("embedded", "clean", "promptir3", "promptir5", "allweather", "cdd11", "weatherbench", "paired")
+DATA_LAYOUTS = ("embedded", "clean", "promptir3", "promptir5", "allweather", "cdd11", "weatherbench",
+                "paired")
 
 # Every setting, with the paper's recipe as default. ``None`` means "not set" where noted.
 DEFAULTS: dict[str, Any] = {
@@ -350,8 +351,11 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_choice(config, "precision", PRECISIONS)
     _check_choice(config, "amp", AMP_MODES)
     if config["amp"] != "none" and not cuda_requested(config):
-        raise ConfigError(f"amp={config['amp']} needs a CUDA GPU, but device={config['device']!r} resolves to "
-                          f"the CPU; use amp=none on the CPU")
+        raise ConfigError(f"amp={config['amp']} needs a CUDA GPU, but device={config['device']!r} resolves "
+                          f"to the CPU; use amp=none on the CPU")
+    _need(config["amp"] == "none" or config["precision"] == "float32",
+          f"amp={config['amp']} mixes precisions of float32 weights; it cannot be combined with precision="
+          f"{config['precision']}")
     _check_int(config, "threads", 1, optional=True)
     _check_choice(config, "objective", OBJECTIVES)
 
@@ -383,7 +387,8 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_choice(config, "optim.name", OPTIMIZERS)
     _check_number(config, "optim.lr", 0.0)
     betas = config["optim"]["betas"]
-    _need(isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+    _need(isinstance(betas, (list, tuple)) and len(betas) == 2
+          and all(_is_number(b) and 0 <= b < 1 for b in betas),
           f"optim.betas must be two numbers in [0, 1); got {betas!r}")
     _check_number(config, "optim.weight_decay", 0.0)
     _check_number(config, "optim.grad_clip", 0.0, optional=True)
@@ -440,7 +445,8 @@ def model_k_n(config: Mapping[str, Any]) -> tuple[int | None, int | None]:
     model = config["model"]
     preset = PRESETS.get(model["preset"], {})
     if model["preset"] not in PRESETS:
-        raise ConfigError(f"model.preset {model['preset']!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+        raise ConfigError(f"model.preset {model['preset']!r} is unknown; "
+                          f"choose one of {', '.join(sorted(PRESETS))}")
     n = model["n"] if model["n"] is not None else preset.get("num_prompts", 5)
     if model["k"] == "all":
         k = None

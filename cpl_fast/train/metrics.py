@@ -62,7 +62,8 @@ def entropy_bits(distribution: torch.Tensor | np.ndarray) -> float:
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Reflect-pad ``(B, C, H, W)`` on the bottom/right to multiples of ``multiple``; returns the original size."""
+    """Reflect-pad ``(B, C, H, W)`` at the bottom/right to multiples of ``multiple``; returns
+    the padded batch and the original ``(H, W)``."""
     h, w = x.shape[-2:]
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph or pw:

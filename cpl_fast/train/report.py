@@ -48,7 +48,9 @@ def _routing_kind(run: RunResult) -> str:
 
 def summary_text(runs: Sequence[RunResult]) -> str:
     """A plain-text summary: per run and task, PSNR/SSIM and entropies before -> after."""
-    lines = []
+    lines = ["selection entropy: entropy of the average selection distribution of a level over a task's "
+             "images (sparse: histogram of selected experts; dense: mean softmax); per-image softmax "
+             "entropies are in report.md"]
     for run in runs:
         lines.append(f"== {run.name}: model {run.model}, {_routing_kind(run)}, objective {run.objective}, "
                      f"{run.steps} steps, {run.wall_s:.0f} s")
@@ -59,32 +61,34 @@ def summary_text(runs: Sequence[RunResult]) -> str:
                      f"selection entropy per level, bits (before -> after)")
         for task, after in run.after.items():
             before = run.before.get(task)
+            levels_before = before["levels"] if before else after["levels"]
             ent = "  ".join(
                 f"L{i}: {b['selection_entropy']:.2f}->{a['selection_entropy']:.2f}" if before else
                 f"L{i}: {a['selection_entropy']:.2f}"
-                for i, (b, a) in enumerate(zip(before["levels"] if before else after["levels"], after["levels"])))
+                for i, (b, a) in enumerate(zip(levels_before, after["levels"])))
             pb = f"{before['psnr']:.2f}" if before else "-"
             sb = f"{before['ssim']:.4f}" if before else "-"
-            lines.append(f"   {task:<12} {pb:>11} {after['psnr']:>7.2f} {sb:>11} {after['ssim']:>7.4f}   {ent}")
+            scores = f"{pb:>11} {after['psnr']:>7.2f} {sb:>11} {after['ssim']:>7.4f}"
+            lines.append(f"   {task:<12} {scores}   {ent}")
     return "\n".join(lines)
 
 
 def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> str:
     out = [f"# {title}", ""]
     out += [f"{note}" for note in notes] + [""]
-    out += ["Selection entropy: entropy (bits) of the average selection distribution of a prompt level over a "
-            "task's test images: for sparse routing the histogram of selected experts, for dense routing the mean "
-            "softmax. 0 bits: every image of the task uses the same expert; log2(n) bits: all experts equally. "
-            "Mean softmax entropy: the router's per-image softmax entropy, averaged (how peaked each decision is).",
-            ""]
+    out += ["Selection entropy: entropy (bits) of the average selection distribution of a prompt level "
+            "over a task's test images: for sparse routing the histogram of selected experts, for dense "
+            "routing the mean softmax. 0 bits: every image of the task uses the same expert; log2(n) bits: "
+            "all experts equally. Mean softmax entropy: the router's per-image softmax entropy, averaged "
+            "(how peaked each decision is).", ""]
     for run in runs:
         out += [f"## {run.name}", "",
-                f"Model `{run.model}`, {_routing_kind(run)}, objective `{run.objective}`, {run.steps} optimiser "
-                f"steps, {run.wall_s:.0f} s of training.", ""]
+                f"Model `{run.model}`, {_routing_kind(run)}, objective `{run.objective}`, {run.steps} "
+                f"optimiser steps, {run.wall_s:.0f} s of training.", ""]
         if run.history:
             first, last = run.history[0], run.history[-1]
-            out += [f"Training loss: {first['loss']:.4f} at step {int(first['step'])}, {last['loss']:.4f} at step "
-                    f"{int(last['step'])} (L1 {first['l1']:.4f} -> {last['l1']:.4f}).", ""]
+            out += [f"Training loss: {first['loss']:.4f} at step {int(first['step'])}, {last['loss']:.4f} at "
+                    f"step {int(last['step'])} (L1 {first['l1']:.4f} -> {last['l1']:.4f}).", ""]
         if not run.after:
             out += ["No test split: nothing evaluated.", ""]
             continue
@@ -92,10 +96,10 @@ def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> st
                 "|---|---|---|---|---|---|"]
         for task, after in run.after.items():
             before = run.before.get(task, {})
-            out.append(f"| {task} | {after['images']} | {before.get('psnr', math.nan):.2f} | {after['psnr']:.2f} | "
-                       f"{before.get('ssim', math.nan):.4f} | {after['ssim']:.4f} |")
-        out += ["", "| task | level | selection entropy before | after | mean softmax entropy before | after |",
-                "|---|---|---|---|---|---|"]
+            out.append(f"| {task} | {after['images']} | {before.get('psnr', math.nan):.2f} | "
+                       f"{after['psnr']:.2f} | {before.get('ssim', math.nan):.4f} | {after['ssim']:.4f} |")
+        out += ["", "| task | level | selection entropy before | after | mean softmax entropy before "
+                "| after |", "|---|---|---|---|---|---|"]
         for task, after in run.after.items():
             before = run.before.get(task, {"levels": [{}] * len(after["levels"])})
             for i, (b, a) in enumerate(zip(before["levels"], after["levels"])):
@@ -103,7 +107,8 @@ def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> st
                            f"{a['selection_entropy']:.3f} | {b.get('mean_softmax_entropy', math.nan):.3f} | "
                            f"{a['mean_softmax_entropy']:.3f} |")
         out.append("")
-    out += ["## Figures", "", "![loss curves](loss_curves.png)", "", "![PSNR per task](psnr_per_task.png)", "",
+    out += ["## Figures", "", "![loss curves](loss_curves.png)", "",
+            "![PSNR per task](psnr_per_task.png)", "",
             "![selection histograms](selection_histograms.png)", ""]
     return "\n".join(out)
 

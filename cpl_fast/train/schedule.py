@@ -60,4 +60,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total: int, war
     floor = min_lr / base if base > 0 else 0.0
     if floor > 1.0:
         raise ValueError(f"schedule.min_lr={min_lr} exceeds the learning rate {base}")
-    return LambdaLR(optimizer, WarmupCosine(warmup_iterations(warmup_epochs, schedule_epochs, total), total, floor))
+    warmup = warmup_iterations(warmup_epochs, schedule_epochs, total)
+    return LambdaLR(optimizer, WarmupCosine(warmup, total, floor))

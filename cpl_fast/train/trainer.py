@@ -56,8 +56,9 @@ StepFn = Callable[..., CPLStepOutput]
 
 # --------------------------------------------------------------------------------- step registry
 
-def l1_step(model: nn.Module, batch: Sequence, features: nn.Module | None = None, cpr_loss: nn.Module | None = None,
-            sampler: Any = None, m: int = 0, generator: torch.Generator | None = None) -> CPLStepOutput:
+def l1_step(model: nn.Module, batch: Sequence, features: nn.Module | None = None,
+            cpr_loss: nn.Module | None = None, sampler: Any = None, m: int = 0,
+            generator: torch.Generator | None = None) -> CPLStepOutput:
     """Plain L1 restoration loss (no CPR): the objective of the dense and sparse baselines."""
     degraded, target, _ = unpack_batch(batch)
     restored, routing = model(degraded, return_routing=True)
@@ -87,7 +88,7 @@ STEPS: dict[str, Callable[[], StepFn]] = {
 
 
 def resolve_objective(name: str) -> tuple[str, StepFn]:
-    """``(name, step)``; ``auto`` is ``fast`` when its module imports, else ``loop`` (the choice is returned)."""
+    """``(name, step)``; ``auto`` is ``fast`` when its module imports, else ``loop`` (the name says which)."""
     if name == "auto":
         try:
             return "fast", _fast_step()
@@ -123,6 +124,8 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     if world_size <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank, world_size, local_rank)
@@ -160,7 +163,8 @@ class GlobalBatchSampler:
     def __call__(self, routings: Sequence[Routing], m: int, task_ids: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> list[list[Routing]]:
         tasks = None if task_ids is None else self._gather(task_ids)
-        negatives = self.inner([self._gather_routing(r) for r in routings], m, task_ids=tasks, generator=generator)
+        gathered = [self._gather_routing(r) for r in routings]
+        negatives = self.inner(gathered, m, task_ids=tasks, generator=generator)
         return [[self._mine(r) for r in negative] for negative in negatives]
 
     def _sample_level(self, level: int, routing: Routing, m: int, task_ids: torch.Tensor | None = None,
@@ -172,7 +176,7 @@ class GlobalBatchSampler:
 
 
 class StepModule(nn.Module):
-    """The model with its objective as ``forward``, so DDP wraps one whole step (one forward, one backward)."""
+    """The model with its objective as ``forward``: DDP wraps one whole step (one forward, one backward)."""
 
     def __init__(self, model: nn.Module, step: StepFn) -> None:
         super().__init__()
@@ -200,7 +204,8 @@ class StepContext:
 def _clean_samples(folder: Path, tasks: Sequence[str]) -> list[Sample]:
     """Every clean image of ``folder`` under every degradation of ``tasks`` (synthesised on load)."""
     if not folder.is_dir():
-        raise ConfigError(f"data root {folder} does not exist (layout 'clean' wants a folder of clean images)")
+        raise ConfigError(f"data root {folder} does not exist (layout 'clean' reads a folder of clean "
+                          f"images)")
     unknown = [t for t in tasks if t not in DEGRADATIONS]
     if unknown:
         raise ConfigError(f"data.tasks has unknown degradations {unknown}; known: {sorted(DEGRADATIONS)}")
@@ -218,13 +223,16 @@ def build_sources(data: Mapping[str, Any]) -> tuple[Any, Any | None]:
 
         return embedded_pairs("train"), embedded_pairs("test")
     if data["root"] is None:
-        raise ConfigError(f"data layout {layout!r} needs a data root: pass --data ROOT or --set data.root=ROOT")
+        raise ConfigError(f"data layout {layout!r} needs a data root: pass --data ROOT or "
+                          f"--set data.root=ROOT")
     root = Path(data["root"])
     if not root.exists():
         raise ConfigError(f"data root {root} does not exist")
     if layout == "clean":
         train = FilePairs(_clean_samples(root, data["tasks"]))
-        test = FilePairs(_clean_samples(Path(data["test_root"]), data["tasks"])) if data["test_root"] else None
+        test = None
+        if data["test_root"]:
+            test = FilePairs(_clean_samples(Path(data["test_root"]), data["tasks"]))
         return train, test
     if layout in ("weatherbench", "paired"):
         train = FilePairs.from_layout(layout, str(root))
@@ -305,8 +313,8 @@ class Trainer:
                              weight_decay=optim["weight_decay"])
         self.total_steps = self._total_steps()
         sched = config["schedule"]
-        self.scheduler = build_scheduler(self.optimizer, sched["name"], self.total_steps, sched["warmup_epochs"],
-                                         sched["schedule_epochs"], sched["min_lr"])
+        self.scheduler = build_scheduler(self.optimizer, sched["name"], self.total_steps,
+                                         sched["warmup_epochs"], sched["schedule_epochs"], sched["min_lr"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=config["amp"] == "fp16")
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.history: list[dict[str, float]] = []
@@ -329,12 +337,13 @@ class Trainer:
                                            rank=self.info.rank, world_size=self.info.world_size)
         self.batches_per_epoch = self.sampler.per_rank // data["batch"]
         if self.batches_per_epoch < 1:
-            raise ConfigError(f"an epoch has {self.sampler.per_rank} samples per process, fewer than data.batch="
-                              f"{data['batch']}; raise data.samples_per_epoch or lower the batch")
+            raise ConfigError(f"an epoch has {self.sampler.per_rank} samples per process, fewer than "
+                              f"data.batch={data['batch']}; raise data.samples_per_epoch or lower the batch")
         self.loader_generator = torch.Generator().manual_seed(self.config["seed"])
-        self.loader = DataLoader(self.train_set, batch_size=data["batch"], sampler=self.sampler, drop_last=True,
-                                 num_workers=data["num_workers"], worker_init_fn=worker_init_fn,
-                                 generator=self.loader_generator, pin_memory=self.device.type == "cuda",
+        self.loader = DataLoader(self.train_set, batch_size=data["batch"], sampler=self.sampler,
+                                 drop_last=True, num_workers=data["num_workers"],
+                                 worker_init_fn=worker_init_fn, generator=self.loader_generator,
+                                 pin_memory=self.device.type == "cuda",
                                  persistent_workers=False)
         self.eval_set = (EvalDataset(self.test_source, seed=self.config["seed"], task_ids=self.task_ids)
                          if self.test_source is not None else None)
@@ -391,8 +400,8 @@ class Trainer:
 
     def info_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "sampler": {"epoch": self.epoch, "start": self.batches_in_epoch * self.config["data"]["batch"],
-                            "seed": self.sampler.seed},
+                "sampler": {"epoch": self.epoch, "seed": self.sampler.seed,
+                            "start": self.batches_in_epoch * self.config["data"]["batch"]},
                 "world_size": self.info.world_size, "total_steps": self.total_steps,
                 "objective": self.objective}
 
@@ -400,8 +409,9 @@ class Trainer:
         """Checkpoint the current step (rank 0 writes; the others wait)."""
         path = None
         if self.info.is_main:
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(), self.info_json(),
-                                   ema=self.ema.module if self.ema else None, keep=self.config["checkpoint"]["keep"])
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(),
+                                   self.info_json(), ema=self.ema.module if self.ema else None,
+                                   keep=self.config["checkpoint"]["keep"])
         if self.info.enabled:
             dist.barrier()
         return path
@@ -411,8 +421,8 @@ class Trainer:
         info, state = read_checkpoint(folder, self.model, self.ema.module if self.ema else None,
                                       map_location="cpu")
         if info["world_size"] != self.info.world_size:
-            raise ConfigError(f"checkpoint {folder} was written by {info['world_size']} process(es); resume it "
-                              f"with the same number (this job has {self.info.world_size})")
+            raise ConfigError(f"checkpoint {folder} was written by {info['world_size']} process(es); resume "
+                              f"it with the same number (this job has {self.info.world_size})")
         self.step, self.epoch, self.batches_in_epoch = info["step"], info["epoch"], info["batches_in_epoch"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -425,7 +435,8 @@ class Trainer:
                 entries.extend(tuple((i.to(self.device), w.to(self.device)) for i, w in row) for row in saved)
         self.history = list(state["history"])
         restore_rng(state["rng"])
-        self.log(f"resumed {self.run_dir} at step {self.step} (epoch {self.epoch}, batch {self.batches_in_epoch})")
+        self.log(f"resumed {self.run_dir} at step {self.step} "
+                 f"(epoch {self.epoch}, batch {self.batches_in_epoch})")
 
     # ------------------------------------------------------------------------------ loop
 
@@ -497,12 +508,13 @@ class Trainer:
                 tick = time.perf_counter()
                 terms = self.train_step()
                 elapsed = time.perf_counter() - tick
-                terms.update(lr=self.scheduler.get_last_lr()[0], images_per_s=images_per_step / max(elapsed, 1e-9),
-                             seconds=elapsed, step=self.step)
+                terms.update(lr=self.scheduler.get_last_lr()[0], seconds=elapsed, step=self.step,
+                             images_per_s=images_per_step / max(elapsed, 1e-9))
                 self.history.append(terms)
                 bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}", cpr=f"{terms['cpr']:.2e}",
-                                img_s=f"{terms['images_per_s']:.1f}", refresh=False)
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}",
+                                cpr=f"{terms['cpr']:.2e}", img_s=f"{terms['images_per_s']:.1f}",
+                                refresh=False)
                 if writer is not None:
                     for key, value in terms.items():
                         if key != "step":
@@ -512,9 +524,9 @@ class Trainer:
                 if not cfg["logging"]["progress"] and self.step % cfg["train"]["log_every"] == 0:
                     done = self.step - start_step
                     eta = (time.perf_counter() - started) / done * (self.total_steps - self.step)
-                    self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} l1 {terms['l1']:.5f} "
-                             f"cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} {terms['images_per_s']:.1f} img/s "
-                             f"eta {eta:.0f}s")
+                    self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} "
+                             f"l1 {terms['l1']:.5f} cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} "
+                             f"{terms['images_per_s']:.1f} img/s eta {eta:.0f}s")
                 if not math.isfinite(terms["loss"]):
                     raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
                 if self.step % cfg["checkpoint"]["every"] == 0 and self.step < self.total_steps:
@@ -545,7 +557,7 @@ class Trainer:
         try:
             import wandb
         except ImportError as exc:
-            raise ConfigError("logging.wandb=true but wandb is not installed: pip install wandb "
-                              "(or leave logging.wandb=false; TensorBoard logs are written by default)") from exc
+            raise ConfigError("logging.wandb=true but wandb is not installed: pip install wandb (or leave "
+                              "logging.wandb=false; TensorBoard logs are written by default)") from exc
         return wandb.init(project=self.config["logging"]["wandb_project"], name=self.run_dir.name,
                           dir=str(self.run_dir), config=dict(self.config), resume="allow")
