@@ -199,10 +199,12 @@ def test_evaluate_reports_entropy_conventions():
     (["--preset", "demo", "--set", "optim.lr"], "bad override"),
     (["--resume", "{tmp}"], "not a run folder"),
 ])
-def test_cli_errors(tmp_path, capsys, argv, message):
+def test_cli_errors(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # a failed start leaves no run folder
 
 
 def test_cli_resume_without_checkpoint(tmp_path, capsys):

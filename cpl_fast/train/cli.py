@@ -106,10 +106,11 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
     if resume and (folder / RESULT_FILE).is_file():
         return RunResult.load(folder / RESULT_FILE) if info.is_main else None
     resume = resume and (folder / CHECKPOINT_DIR / LATEST).is_file()
+    trainer = Trainer(config, folder, resume=resume, info=info)
+    # Only now that the data and model are known to be valid: a failed start leaves no run folder behind.
     if info.is_main and not resume:
         folder.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, folder / CONFIG_FILE)
-    trainer = Trainer(config, folder, resume=resume, info=info)
     evaluate_now = config["eval"]["before_after"] and trainer.eval_set is not None and info.is_main
 
     def score() -> dict[str, Any]:
