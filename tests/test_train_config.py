@@ -7,9 +7,20 @@ import numpy as np
 import pytest
 import torch
 
-from cpl_fast.train.config import (DEFAULTS, PRESET_NAMES, ConfigError, apply_overrides, dump_yaml,
-                                   flat_dotted, load_config, merge, model_k_n, parse_override, read_yaml,
-                                   set_dotted)
+from cpl_fast.train.config import (
+    DEFAULTS,
+    PRESET_NAMES,
+    ConfigError,
+    apply_overrides,
+    dump_yaml,
+    flat_dotted,
+    load_config,
+    merge,
+    model_k_n,
+    parse_override,
+    read_yaml,
+    set_dotted,
+)
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.metrics import entropy_bits, pad_to_multiple, psnr, ssim
 from cpl_fast.train.schedule import WarmupCosine, build_scheduler, warmup_iterations

@@ -23,9 +23,20 @@ import torch.distributed as dist
 
 from cpl_fast.data import LayoutError
 from cpl_fast.train.checkpointing import CHECKPOINT_DIR, LATEST, CheckpointError
-from cpl_fast.train.config import (PRESET_NAMES, ConfigError, apply_overrides, cuda_requested, dump_yaml,
-                                   flat_dotted, load_config, model_k_n, parse_override, read_yaml, set_dotted,
-                                   validate)
+from cpl_fast.train.config import (
+    PRESET_NAMES,
+    ConfigError,
+    apply_overrides,
+    cuda_requested,
+    dump_yaml,
+    flat_dotted,
+    load_config,
+    model_k_n,
+    parse_override,
+    read_yaml,
+    set_dotted,
+    validate,
+)
 from cpl_fast.train.report import RunResult, summary_text, write_report
 
 CONFIG_FILE = "config.yaml"

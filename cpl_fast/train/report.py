@@ -38,7 +38,7 @@ class RunResult:
         atomic_write_bytes(path, json.dumps(asdict(self), indent=1).encode("utf-8"))
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunResult":
+    def load(cls, path: str | Path) -> RunResult:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 

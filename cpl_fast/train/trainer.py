@@ -36,8 +36,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cpl_fast.data import (DEGRADATIONS, ArrayPairs, EvalDataset, FilePairs, Sample, TaskBalancedSampler,
-                           TrainDataset, build_task_ids, worker_init_fn)
+from cpl_fast.data import (
+    DEGRADATIONS,
+    EvalDataset,
+    FilePairs,
+    Sample,
+    TaskBalancedSampler,
+    TrainDataset,
+    build_task_ids,
+    worker_init_fn,
+)
 from cpl_fast.data.io import is_image_file
 from cpl_fast.losses import CPRLoss, build_features
 from cpl_fast.models import Routing, build_model
@@ -183,7 +191,7 @@ class StepModule(nn.Module):
         self.model = model
         self.step = step
 
-    def forward(self, batch: Sequence, context: "StepContext") -> CPLStepOutput:
+    def forward(self, batch: Sequence, context: StepContext) -> CPLStepOutput:
         return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
                          sampler=context.sampler, m=context.m, generator=context.generator)
 
