@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cpl_fast.losses import CPRLoss, PerceptualFeatures
 from cpl_fast.models import build_model
-from cpl_fast.train import MismatchedExperts, fast_cpl_step, loop_cpl_step, literal_cpl_step
+from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step, loop_cpl_step
 
 M = 4
 CASES = {"cpl-64-b1": ("cpl", 64, 1), "cpl-64-b2": ("cpl", 64, 2), "tiny-128-b4": ("tiny", 128, 4)}

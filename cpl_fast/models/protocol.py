@@ -7,7 +7,8 @@ the encoder, the latent blocks and the skip connections). ``encode`` runs that p
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 

@@ -6,8 +6,8 @@ class's keyword arguments.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import torch.nn as nn
 

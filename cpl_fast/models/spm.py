@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -174,7 +175,7 @@ class SparsePromptModule(nn.Module):
         self._fold_cache.clear()
         self._fold_params_key = None
 
-    def train(self, mode: bool = True) -> "SparsePromptModule":
+    def train(self, mode: bool = True) -> SparsePromptModule:
         self.clear_fold_cache()
         return super().train(mode)
 
