@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from cpl_fast.models.protocol import check_image_batch
 from cpl_fast.models.registry import PRESETS, register_model
 from cpl_fast.models.spm import Routing, SparsePromptModule
 
@@ -152,16 +153,8 @@ class PromptNAFNet(nn.Module):
         return list(self.prompts)
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise unless ``x`` is ``(B, inp_channels, H, W)`` with H, W multiples of ``2**levels``."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"PromptNAFNet: expected a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.inp_channels:
-            raise ValueError(f"PromptNAFNet: expected an image batch (B, {self.inp_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % self.size_multiple or w % self.size_multiple:
-            raise ValueError(f"PromptNAFNet: height and width must be multiples of {self.size_multiple} "
-                             f"({self.num_prompt_levels} 2x downsamplings), got {h}x{w}; pad the input first")
+        """Raise unless ``x`` is ``(B, inp_channels, H, W)`` with H, W multiples of ``size_multiple``."""
+        check_image_batch("PromptNAFNet", x, self.inp_channels, self.size_multiple)
 
     def encode(self, x: torch.Tensor) -> NAFNetState:
         """Everything before the first prompt: intro, encoder levels, middle blocks."""

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from cpl_fast.models.protocol import check_image_batch
 from cpl_fast.models.registry import register_model
 from cpl_fast.models.restormer import (
     Downsample,
@@ -115,16 +116,8 @@ class SparsePromptIR(nn.Module):
         return [self.prompt3, self.prompt2, self.prompt1]
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise ValueError unless ``x`` is ``(B, inp_channels, H, W)`` with H, W multiples of 8."""
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"SparsePromptIR: expected a tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != self.inp_channels:
-            raise ValueError(f"SparsePromptIR: expected an image batch (B, {self.inp_channels}, H, W), "
-                             f"got shape {tuple(x.shape)}")
-        h, w = x.shape[-2:]
-        if h % self.size_multiple or w % self.size_multiple:
-            raise ValueError(f"SparsePromptIR: height and width must be multiples of {self.size_multiple} "
-                             f"(three 2x downsamplings), got {h}x{w}; pad the input first")
+        """Raise unless ``x`` is ``(B, inp_channels, H, W)`` with H, W multiples of ``size_multiple``."""
+        check_image_batch("SparsePromptIR", x, self.inp_channels, self.size_multiple)
 
     def encode(self, x: torch.Tensor) -> PromptIRState:
         """Everything before the first prompt: encoder levels 1-3 and the latent stage."""

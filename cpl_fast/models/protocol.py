@@ -52,3 +52,17 @@ def map_state(fn: Callable[[torch.Tensor], torch.Tensor], state: Any) -> Any:
         return {key: map_state(fn, value) for key, value in state.items()}
     raise TypeError(f"map_state: cannot map over a {type(state).__name__}; "
                     "expected tensors in NamedTuples, tuples, lists or dicts")
+
+
+def check_image_batch(model_name: str, x: torch.Tensor, channels: int, multiple: int) -> None:
+    """Raise unless ``x`` is ``(B, channels, H, W)`` with H and W multiples of ``multiple``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{model_name}: expected a tensor, got {type(x).__name__}")
+    if x.dim() != 4 or x.shape[1] != channels:
+        raise ValueError(f"{model_name}: expected an image batch (B, {channels}, H, W), "
+                         f"got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(f"{model_name}: height and width must be multiples of {multiple} "
+                         f"(the encoder halves them {multiple.bit_length() - 1} times), got {h}x{w}; "
+                         "pad the input first")
