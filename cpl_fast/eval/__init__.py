@@ -1,0 +1,1 @@
+"""Evaluation, restoration and routing analysis: metric protocols, padded/tiled inference, CLIs."""

@@ -1,0 +1,1 @@
+"""Deployment: ONNX export of sparse-routing inference, onnxruntime and TensorRT runners."""
