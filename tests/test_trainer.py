@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from cpl_fast.data import EvalDataset, LayoutError, TrainDataset, embedded_pairs, write_png
+from cpl_fast.eval import entropy_bits, evaluate
 from cpl_fast.models import build_model
 from cpl_fast.train import checkpointing
 from cpl_fast.train.checkpointing import CheckpointError, latest_checkpoint, read_checkpoint
 from cpl_fast.train.cli import main
 from cpl_fast.train.config import ConfigError, load_config
-from cpl_fast.train.metrics import entropy_bits, evaluate
 from cpl_fast.train.trainer import STEPS, Trainer, build_sources, l1_step, resolve_objective
 
 

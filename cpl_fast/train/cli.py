@@ -111,7 +111,7 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
     import json
 
     from cpl_fast.data.io import atomic_write_bytes
-    from cpl_fast.train.metrics import evaluate
+    from cpl_fast.eval import evaluate
     from cpl_fast.train.trainer import Trainer
 
     if resume and (folder / RESULT_FILE).is_file():
@@ -165,8 +165,8 @@ def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> li
             results.append(result)
     if info.is_main and config["report"]["enabled"]:
         notes = [f"Preset `{config['name']}`; every run used the same data, crops, batches, steps and seed "
-                 f"({config['seed']}). Scores are on full test images (RGB PSNR/SSIM, padded to a multiple "
-                 f"of 8)."]
+                 f"({config['seed']}). Scores are on full test images under the metric protocol `promptir` "
+                 f"(RGB PSNR/SSIM, centre crop to a multiple of 16, padded to the model's multiple)."]
         path = write_report(results, run_dir, title=f"cpl-train report: {config['name']}", notes=notes)
         print(f"report: {path}")
     return results
