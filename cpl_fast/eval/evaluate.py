@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpl_fast.eval.inference import DEFAULT_OVERLAP, restore_image
+from cpl_fast.eval.inference import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
 from cpl_fast.eval.metrics import entropy_bits
 from cpl_fast.eval.protocols import Protocol, get_protocol
 
@@ -42,6 +42,8 @@ def evaluate(model: nn.Module, dataset: Any, device: torch.device | str | None =
     from tqdm.auto import tqdm
 
     protocol = get_protocol(protocol)
+    if isinstance(tile, int):
+        check_tiling(tile, overlap, model_multiple(model) if multiple is None else multiple)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     was_training = model.training
