@@ -67,12 +67,18 @@ def test_cpl_eval_on_run_folders_matches_evaluate_and_names_the_protocol(tmp_pat
 def test_cpl_eval_weights_file_with_preset_and_other_protocols(tmp_path, capsys):
     model = build_model("tiny").eval()
     ckpt = save_model_state(model, tmp_path / "w.safetensors")
+    out_json = tmp_path / "s.json"
     status = eval_main(["--preset", "demo", "--ckpt", str(ckpt), "--model", "tiny", "--protocol", "basicsr_y",
                         "--crop-border", "2", "--max-images", "5", "--tile", "64", "--tile-overlap", "32",
-                        "--no-progress"])
+                        "--input-baseline", "--json", str(out_json), "--no-progress"])
     text = capsys.readouterr().out
     assert status == 0, text
     assert "basicsr_y (Y, border 2, uint8)" in text and "crop_border 2" in text
+    assert "| input (no restoration) |" in text  # the comparison table
+    inputs = json.loads(out_json.read_text())["runs"]["input (no restoration)"]["scores"]
+    protocol, data = get_protocol("basicsr_y", 2), _dataset()
+    item = data[0]  # the first five test images are one crop under the five degradations
+    assert inputs[item["task"]]["psnr"] == pytest.approx(protocol.score(item["input"], item["target"])[0])
 
 
 @pytest.mark.parametrize("extra, message", [

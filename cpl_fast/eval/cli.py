@@ -210,6 +210,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                         help="metric protocol (default: the preset's benchmark; promptir otherwise)")
     parser.add_argument("--crop-border", type=int, metavar="PX", help="override the protocol's crop_border")
     parser.add_argument("--entropy", action="store_true", help="also print the selection entropy per level")
+    parser.add_argument("--input-baseline", action="store_true",
+                        help="add a row scoring the degraded inputs themselves (no restoration)")
     parser.add_argument("--json", metavar="FILE", help="write every score and routing statistic as JSON")
     parser.add_argument("--markdown", metavar="FILE", help="write the tables as markdown")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -235,11 +237,13 @@ def comparison_table(results: dict[str, dict[str, Any]], protocol_label: str) ->
 def entropy_markdown(results: dict[str, dict[str, Any]]) -> str:
     """Selection entropy (bits) per model, task and level: ``selection / mean softmax``."""
     tasks = list(next(iter(results.values()))["scores"])
-    levels = len(next(iter(next(iter(results.values()))["scores"].values()))["levels"])
+    levels = max(len(s["levels"]) for r in results.values() for s in r["scores"].values())
     head = "| model | level | " + " | ".join(tasks) + " | mean |"
     lines = [head, "|---" * (len(tasks) + 3) + "|"]
     for name, result in results.items():
         scores = result["scores"]
+        if not all(s["levels"] for s in scores.values()):
+            continue  # the input row has no routing
         for lv in range(levels):
             sel = [scores[t]["levels"][lv]["selection_entropy"] for t in tasks]
             soft = [scores[t]["levels"][lv]["mean_softmax_entropy"] for t in tasks]
@@ -286,6 +290,12 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         print(f"cpl-eval: error: {exc}", file=sys.stderr)
         return 2
     assert protocol is not None
+    if args.input_baseline:
+        from cpl_fast.eval.evaluate import score_inputs
+
+        baseline = score_inputs(dataset, protocol, args.max_images)
+        results = {"input (no restoration)": {"checkpoint": None, "model": None, "layout": None,
+                                              "seconds": 0.0, "scores": baseline}, **results}
     if len(results) > 1:
         print(comparison_table(results, protocol.label))
     if args.json:

@@ -70,6 +70,23 @@ def evaluate(model: nn.Module, dataset: Any, device: torch.device | str | None =
     return {name: summarise(task, protocol.name) for name, task in sorted(per_task.items())}
 
 
+def score_inputs(dataset: Any, protocol: str | Protocol = "promptir",
+                 max_images: int | None = None) -> dict[str, Any]:
+    """Per-task scores of the degraded inputs themselves (the "no restoration" reference row)."""
+    protocol = get_protocol(protocol)
+    per_task: dict[str, dict[str, list[float]]] = {}
+    count = len(dataset) if max_images is None else min(len(dataset), max_images)
+    for index in range(count):
+        item = dataset[index]
+        p, s = protocol.score(protocol.prepare(item["input"]), protocol.prepare(item["target"]))
+        task = per_task.setdefault(item["task"], {"psnr": [], "ssim": []})
+        task["psnr"].append(p)
+        task["ssim"].append(s)
+    return {name: {"images": len(t["psnr"]), "psnr": float(np.mean(t["psnr"])),
+                   "ssim": float(np.mean(t["ssim"])), "protocol": protocol.name, "levels": []}
+            for name, t in sorted(per_task.items())}
+
+
 def level_statistics(indices: torch.Tensor, probs: torch.Tensor, dense: bool) -> dict[str, Any]:
     """The statistics of one prompt level over a task's images (``indices (N, k)``, ``probs (N, n)``)."""
     n = probs.shape[1]
