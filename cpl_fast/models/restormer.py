@@ -12,14 +12,21 @@ import torch.nn.functional as F
 
 
 class WithBiasLayerNorm(nn.Module):
-    """Layer norm over the last dimension with a learnt scale and shift (biased variance, eps 1e-5)."""
+    """Layer norm over the last dimension with a learnt scale and shift (biased variance, eps 1e-5).
+
+    ``fused = True`` computes the same function with ``F.layer_norm`` (the ONNX export sets it, so
+    the graph holds one ``LayerNormalization`` node per norm instead of its arithmetic).
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)
         mu = x.mean(-1, keepdim=True)
         var = x.var(-1, keepdim=True, unbiased=False)
         return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias

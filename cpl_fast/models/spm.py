@@ -45,6 +45,10 @@ class SparsePromptModule(nn.Module):
     ``load_state_dict`` and ``.to()`` invalidate it; writes through ``param.data`` bypass the
     version counter, so call ``clear_fold_cache()`` after those. At most ``fold_cache_size`` output
     sizes are kept (least recently used dropped first); set ``fold = False`` to turn folding off.
+
+    Export: ``prompt_backend`` is the ``prompt_mix`` backend of the unfolded path (``"reference"``
+    traces as plain PyTorch ops); ``use_export_prompts(folded)`` makes the prompt a gather of given
+    folded maps (a fixed-size export's constants). See ``cpl_fast.export``.
     """
 
     def __init__(self, prompt_dim: int, prompt_len: int, prompt_size: int, lin_dim: int,
@@ -65,9 +69,12 @@ class SparsePromptModule(nn.Module):
         self.renormalize = renormalize
         self.fold = True
         self.fold_cache_size = fold_cache_size
+        self.prompt_backend = "auto"
         self.prompt_param = nn.Parameter(torch.rand(prompt_len, prompt_dim, prompt_size, prompt_size))
         self.linear_layer = nn.Linear(lin_dim, prompt_len)
         self.conv3x3 = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, stride=1, padding=1, bias=False)
+        # Folded maps of one fixed output size, set only for export (not part of the state dict).
+        self.register_buffer("export_folded", None, persistent=False)
         self._fold_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._fold_params_key: tuple | None = None
 
@@ -131,11 +138,31 @@ class SparsePromptModule(nn.Module):
                                  f"[0, n={self.num_prompts}), got values in [{lo}, {hi}]")
 
     def _prompt(self, indices: torch.Tensor, weights: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if self.export_folded is not None:
+            if tuple(self.export_folded.shape[-2:]) != tuple(size):
+                raise ValueError(f"SparsePromptModule: the export's folded maps are "
+                                 f"{tuple(self.export_folded.shape[-2:])}, the features {tuple(size)}")
+            return _mix_folded(self.export_folded, indices, weights)
         if self._can_fold():
             return _mix_folded(self.folded_prompts(size), indices, weights)
         # The router may run in another precision (autocast) than the bank; mix in the bank's.
         weights = weights.to(self.prompt_param.dtype)
-        return self.conv3x3(prompt_mix(self.prompt_param, indices, weights, size))
+        return self.conv3x3(prompt_mix(self.prompt_param, indices, weights, size,
+                                       backend=self.prompt_backend))
+
+    def use_export_prompts(self, folded: torch.Tensor | None) -> None:
+        """Serve the prompt from ``folded = folded_prompts(size)`` (``(n, C, H, W)``), or stop (None).
+
+        For export only: the maps become constants of the traced graph and the prompt a gather of
+        ``k`` of them, for features of exactly that size.
+        """
+        if folded is not None:
+            n, c = self.prompt_param.shape[:2]
+            if folded.dim() != 4 or tuple(folded.shape[:2]) != (n, c):
+                raise ValueError(f"SparsePromptModule.use_export_prompts: expected folded maps "
+                                 f"(n={n}, C={c}, H, W), got shape {tuple(folded.shape)}")
+            folded = folded.detach()
+        self.export_folded = folded
 
     def _can_fold(self) -> bool:
         # Folded maps are constants: only serve them where no gradient is wanted, and keep the

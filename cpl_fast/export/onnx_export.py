@@ -1,0 +1,163 @@
+"""ONNX export of the sparse-routing inference model (``cpl-export onnx``).
+
+``export_onnx(model, path, size=(H, W) | None, opset=18, routing=False)`` traces an
+``InferenceGraph`` with ``torch.onnx.export(dynamo=True)`` (``torch.export``, non-strict) and
+writes a model of standard ONNX ops only: ``TopK`` (static k), ``GatherND``/``Gather``, ``Resize``
+(dynamic sizes), ``Conv``, ``LayerNormalization``, ``MatMul``... The input ``image`` is
+``(batch, 3, H, W)``; the batch is always dynamic, H and W are fixed (``size``) or dynamic
+multiples of ``size_multiple``. The model's own facts travel in ``metadata_props`` (keys
+``cpl_fast.*``) for the runners.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cpl_fast.export._deps import require
+from cpl_fast.export.graph import InferenceGraph, check_size
+from cpl_fast.models.promptir import SparsePromptIR
+
+# torch.onnx's exporter implements opset 18 and later (17, the first with LayerNormalization, can only
+# be reached by the ONNX version converter, which has no Split adapter from 18 to 17).
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+MAX_BATCH = 256
+MAX_SIDE = 8192          # largest dynamic H and W the export declares (a torch.export bound, not a limit
+                         # of the graph; TensorRT profiles set their own)
+INPUT_NAME = "image"
+META_PREFIX = "cpl_fast."
+
+
+@dataclass
+class ExportReport:
+    """What ``export_onnx`` wrote."""
+
+    path: Path
+    size: tuple[int, int] | None
+    opset: int
+    top_k: int | None
+    num_prompts: int
+    routing: bool
+    outputs: list[str]
+    seconds: float
+    op_types: dict[str, int]
+
+
+def _scatter_add_one_hot(self: torch.Tensor, dim: int, index: torch.Tensor,
+                         src: torch.Tensor) -> torch.Tensor:
+    """``self.scatter_add(dim, index, src)`` for ``(B, n)`` tensors along ``dim = 1``, as compare-and-sum.
+
+    The routing weight matrix of the prompt mix is built with ``scatter_add`` (duplicate indices
+    summed); ONNX writes that as ``ScatterElements(reduction="add")``, which TensorRT's parser
+    rejects. ``out[b, i] = self[b, i] + sum_j src[b, j] * (index[b, j] == i)`` is the same sum
+    (``Equal``, ``Where``, ``ReduceSum``); other scatter_adds are not rewritten.
+    """
+    if self.dim() != 2 or index.dim() != 2 or dim not in (1, -1):
+        raise NotImplementedError("cpl_fast export: scatter_add is lowered only for (B, n) tensors along "
+                                  f"dim 1, got self {tuple(self.shape)}, dim {dim}")
+    hit = index.unsqueeze(-1) == torch.arange(self.shape[1], device=index.device)     # (B, k, n)
+    return self + torch.where(hit, src.unsqueeze(-1), torch.zeros((), dtype=src.dtype)).sum(1)
+
+
+def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int, int] | None = None,
+                opset: int = DEFAULT_OPSET, routing: bool = False) -> ExportReport:
+    """Export ``model``'s inference (its own routing, ``top_k`` experts per level) to ``path``.
+
+    ``size = (H, W)``: a fixed-size graph whose folded prompt maps are constants; ``None``: H and W
+    dynamic (bilinear ``Resize`` + ``Conv`` prompt path). ``routing``: add the outputs
+    ``prompt{3,2,1}_indices`` (int64) and ``prompt{3,2,1}_weights`` ``(batch, k)``.
+    """
+    onnx = require("onnx", "export")
+    require("onnxscript", "export")
+    if not isinstance(opset, int) or opset < MIN_OPSET:
+        raise ValueError(f"opset {opset!r} is not supported: torch.onnx's exporter writes opset {MIN_OPSET} "
+                         f"or later (LayerNormalization needs 17, so nothing is lost)")
+    if not isinstance(model, SparsePromptIR):
+        raise TypeError(f"export_onnx: expected a SparsePromptIR, got {type(model).__name__}")
+    multiple = model.size_multiple
+    if size is not None:
+        size = check_size(tuple(size), multiple)
+    param = next(model.parameters())
+    if param.dtype != torch.float32:
+        raise ValueError(f"export_onnx: export a float32 model (got {param.dtype}); TensorRT lowers the "
+                         "precision itself (cpl-export trt --fp16/--bf16)")
+    graph = InferenceGraph(model.cpu(), size, return_routing=routing)
+    # Example input: batch 2 (torch.export specialises sizes 0 and 1); the smallest size a dynamic
+    # graph accepts is one multiple, an example of 2 multiples keeps the trace general.
+    example_hw = size if size is not None else (2 * multiple, 3 * multiple)
+    example = torch.rand(2, model.inp_channels, *example_hw)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    dims = {0: batch}
+    if size is None:
+        top = MAX_SIDE // multiple
+        dims[2] = multiple * torch.export.Dim("height_blocks", min=1, max=top)
+        dims[3] = multiple * torch.export.Dim("width_blocks", min=1, max=top)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # torch.export's own deprecation chatter; real problems raise.
+        warnings.simplefilter("ignore", FutureWarning)
+        exported = torch.export.export(graph, (example,), dynamic_shapes={INPUT_NAME: dims}, strict=False)
+        table = torch.export.default_decompositions()
+        table[torch.ops.aten.scatter_add.default] = _scatter_add_one_hot
+        exported = exported.run_decompositions(table)
+        program = torch.onnx.export(exported, (example,), dynamo=True, opset_version=opset,
+                                    input_names=[INPUT_NAME], output_names=graph.output_names(),
+                                    optimize=True, verbose=False)
+    proto = program.model_proto
+    _name_dims(proto, ("batch", "height", "width") if size is None else ("batch",))
+    meta = {
+        "size_multiple": str(multiple),
+        "size": "dynamic" if size is None else f"{size[0]}x{size[1]}",
+        "top_k": "all" if model.top_k is None else str(model.top_k),
+        "num_prompts": str(model.num_prompts),
+        "routing": "1" if routing else "0",
+        "prompt": "folded constants" if size is not None else "reference mix, Resize, Conv",
+    }
+    del proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = META_PREFIX + key, value
+    proto.producer_name = "cpl_fast"
+    onnx.save_model(proto, str(path))
+    seconds = time.perf_counter() - start
+    onnx.checker.check_model(str(path), full_check=True)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ExportReport(path, size, opset, model.top_k, model.num_prompts, routing, graph.output_names(),
+                        seconds, dict(sorted(ops.items())))
+
+
+def _name_dims(proto, names: tuple[str, ...]) -> None:
+    """Name the input's dynamic dims (torch.export calls them s0, 8*s1, ...) everywhere they occur."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    rename = {}
+    for dim, name in zip([d for d in dims if d.dim_param], names):
+        rename[dim.dim_param] = name
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``cpl_fast.*`` metadata of an exported model (prefix removed); ValueError if unreadable."""
+    onnx = require("onnx", "export")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such ONNX file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf raises DecodeError, onnx its own; name the file in any case
+        raise ValueError(f"cannot read {path} as an ONNX model ({type(err).__name__}: {err})") from err
+    if not proto.graph.node:
+        raise ValueError(f"{path} is not an ONNX model (its graph has no nodes)")
+    return {entry.key[len(META_PREFIX):]: entry.value for entry in proto.metadata_props
+            if entry.key.startswith(META_PREFIX)}
