@@ -11,7 +11,15 @@ from PIL import Image
 
 from cpl_fast.data import ArrayPairs, EvalDataset, build_task_ids
 from cpl_fast.eval import entropy_bits, restore_image
-from cpl_fast.eval.analysis import SHIFTED, analyze, collect_routing, entropy_table, residual_maps
+from cpl_fast.eval.analysis import (
+    SHIFTED,
+    RoutingRecord,
+    analyze,
+    collect_routing,
+    entropy_table,
+    residual_maps,
+    task_information,
+)
 from cpl_fast.eval.cli import analyze_main
 from cpl_fast.models import build_model, save_model_state
 
@@ -68,6 +76,21 @@ def test_routing_record_and_entropy_table_agree_with_the_model(preset, kwargs):
     assert ((gates > 0).sum(1) <= k).all()
 
 
+def test_task_information_separates_task_specific_from_collapsed_routing():
+    def record(choice):  # choice[task] -> expert, three images per task, top-1
+        tasks = [t for t in ("a", "b") for _ in range(3)]
+        idx = torch.tensor([[choice[t]] for t in tasks])
+        probs = torch.softmax(torch.randn(6, 4, dtype=torch.float64), 1)
+        return RoutingRecord(tasks, [str(i) for i in range(6)], [idx], [torch.ones(6, 1)], [probs])
+
+    specific = task_information(record({"a": 0, "b": 3}))[0]
+    assert specific["mean_task_selection_entropy"] == 0.0
+    assert specific["pooled_selection_entropy"] == pytest.approx(1.0)
+    assert specific["task_expert_information"] == pytest.approx(1.0)
+    collapsed = task_information(record({"a": 2, "b": 2}))[0]
+    assert collapsed["pooled_selection_entropy"] == 0.0 and collapsed["task_expert_information"] == 0.0
+
+
 def test_residual_maps_matched_is_the_plain_restoration():
     model, data = _model("tiny"), _dataset(per_task=2)
     record = collect_routing(model, data)
@@ -106,6 +129,8 @@ def test_analyze_writes_figures_and_json(tmp_path):
     assert saved["entropy"]["derain"][1]["selection_entropy"] == pytest.approx(
         result["entropy"]["derain"][1]["selection_entropy"])
     assert {v["routing_of"] for v in saved["residuals"][0]["variants"]} == {*TASKS, SHIFTED}
+    assert len(saved["task_information"]) == 3
+    assert all(0 <= lv["task_expert_information"] <= math.log2(3) + 1e-9 for lv in saved["task_information"])
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         analyze(model, data, tmp_path / "f")
@@ -118,7 +143,8 @@ def test_cpl_analyze_command(tmp_path, capsys):
                            "-o", str(out), "--max-images", "10", "--no-residuals", "--no-progress"])
     text = capsys.readouterr().out
     assert status == 0, text
-    assert "selection entropy" in text and (out / "cpl" / "selection_map.png").is_file()
+    assert "selection entropy" in text and "mutual information" in text
+    assert (out / "cpl" / "selection_map.png").is_file()
     assert not (out / "cpl" / "residuals.png").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["cpl"]["entropy"]) == {"denoise_15", "denoise_25", "denoise_50", "derain", "dehaze"}

@@ -6,6 +6,9 @@ level's selected experts, gate weights and router softmax. From that:
 * ``entropy_table``: per task and level, the *selection entropy* (bits; of the histogram of selected
   experts for sparse routing, of the mean softmax for dense routing) and the *mean softmax entropy*
   (bits; each image's router entropy, averaged -- the quantity of the paper's Fig. 4 for PromptIR);
+* ``task_information``: per level, the mutual information between task and selected expert (pooled
+  selection entropy minus the mean per-task one): low per-task entropy means consistent routing,
+  this says whether different tasks are routed differently;
 * ``plot_entropy``: both as bars per task and level, with ``log2 n`` (uniform) marked;
 * ``plot_histograms``: how often each expert is selected, per task and level;
 * ``plot_selection_map``: Fig. 11's per-sample map -- one panel per level, one column per image
@@ -127,6 +130,23 @@ def entropy_table(record: RoutingRecord) -> dict[str, list[dict[str, Any]]]:
         table[task] = [level_statistics(record.indices[lv][rows], record.probs[lv][rows], record.dense)
                        for lv in range(record.num_levels)]
     return table
+
+
+def task_information(record: RoutingRecord) -> list[dict[str, float]]:
+    """Per level: the pooled selection entropy over all images, the image-weighted mean of the per-task
+    selection entropies, and their difference -- the mutual information (bits) between the task and
+    the selected expert (for dense routing: of the mean softmax distributions). 0 bits: the routing
+    carries no information about the task (e.g. every image uses the same expert)."""
+    table = entropy_table(record)
+    sizes = {task: len(record.rows(task)) for task in table}
+    total = sum(sizes.values())
+    out = []
+    for lv in range(record.num_levels):
+        pooled = level_statistics(record.indices[lv], record.probs[lv], record.dense)["selection_entropy"]
+        within = sum(sizes[t] * table[t][lv]["selection_entropy"] for t in table) / total
+        out.append({"pooled_selection_entropy": pooled, "mean_task_selection_entropy": within,
+                    "task_expert_information": max(0.0, pooled - within)})
+    return out
 
 
 def _plt():
@@ -310,6 +330,7 @@ def analyze(model: nn.Module, dataset: Any, out_dir: str | Path, title: str = ""
         "dense": record.dense, "top_k": int(record.indices[0].shape[1]),
         "levels": record.num_levels, "uniform_bits": math.log2(record.num_prompts),
         "entropy": table,
+        "task_information": task_information(record),
         "selection": [{"task": t, "name": n,
                        "indices": [record.indices[lv][i].tolist() for lv in range(record.num_levels)],
                        "weights": [record.weights[lv][i].tolist() for lv in range(record.num_levels)]}

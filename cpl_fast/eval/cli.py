@@ -400,8 +400,12 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
                              "uniform_bits": result["uniform_bits"],
                              "entropy": {task: [{k: lv[k] for k in keys} for lv in levels]
                                          for task, levels in result["entropy"].items()}}
+            summary[name]["task_information"] = result["task_information"]
             for task, levels in result["entropy"].items():
                 print(_entropy_line(task, levels))
+            info = "  ".join(f"L{i}: {lv['task_expert_information']:.2f}"
+                             for i, lv in enumerate(result["task_information"]))
+            print(f"   task-expert mutual information, bits: {info}")
             print(f"   figures: {', '.join(str(out_root / name / f) for f in result['figures'])}")
     except _errors() as exc:
         print(f"cpl-analyze: error: {exc}", file=sys.stderr)
