@@ -14,9 +14,9 @@ level's selected experts, gate weights and router softmax. From that:
 * ``plot_selection_map``: Fig. 11's per-sample map -- one panel per level, one column per image
   (grouped by task), one row per expert, the colour the expert's gate weight (0 when unselected);
 * ``residual_maps`` / ``plot_residuals``: Fig. 5 -- for one image per task, the residual
-  ``|restored - target|`` (mean over channels) when decoded with its own (matched) routing and with
-  the routing of an image of each other task and with every selected expert swapped for another
-  (mismatched), with their PSNRs.
+  ``|restored - target|`` (restoration clipped to [0, 1], mean over channels) when decoded with its
+  own (matched) routing, with the routing of an image of each other task and with every selected
+  expert swapped for another (mismatched), with their PSNRs.
 
 Levels are numbered in application order (level 0 is the deepest prompt, ``prompt3`` in PromptIR).
 """
@@ -274,7 +274,7 @@ def residual_maps(model: nn.Module, dataset: Any, record: RoutingRecord,
                            for lv in range(record.num_levels)]) for t, s in first.items()]
         candidates.append((SHIFTED, shifted))
         for source_task, routing in candidates:
-            restored = restore_image(model, image, routing=routing).image.cpu()
+            restored = restore_image(model, image, routing=routing).image.cpu().clamp(0.0, 1.0)
             residual = (restored - target).abs().mean(dim=1)[0]
             entry["variants"].append({"routing_of": source_task, "matched": source_task == task,
                                       "psnr": psnr(restored, target),
@@ -288,7 +288,10 @@ def plot_residuals(maps: Sequence[Mapping[str, Any]], path: Path, title: str = "
     plt = _plt()
     columns = 2 + len(maps[0]["variants"])
     fig, axes = plt.subplots(len(maps), columns, figsize=(2.1 * columns, 2.2 * len(maps)), squeeze=False)
-    vmax = max(float(v["residual"].max()) for entry in maps for v in entry["variants"]) or 1.0
+    # One colour scale for all panels, set by the matched residuals (their 99th percentile), so that
+    # a mismatched prompt that is much worse saturates instead of hiding the matched maps.
+    matched = torch.cat([v["residual"].flatten() for e in maps for v in e["variants"] if v["matched"]])
+    vmax = float(torch.quantile(matched.double(), 0.99)) or 1.0
     shown = None
     for r, entry in enumerate(maps):
         variants = sorted(entry["variants"], key=lambda v: not v["matched"])
@@ -305,7 +308,8 @@ def plot_residuals(maps: Sequence[Mapping[str, Any]], path: Path, title: str = "
             ax.set_xticks([])
             ax.set_yticks([])
     if shown is not None:
-        fig.colorbar(shown, ax=axes.ravel().tolist(), label="|restored - target|", fraction=0.02, pad=0.01)
+        fig.colorbar(shown, ax=axes.ravel().tolist(), extend="max", fraction=0.02, pad=0.01,
+                     label="|restored - target| (mean over RGB)")
     fig.suptitle(title or "residuals with matched and mismatched prompts")
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
