@@ -10,6 +10,7 @@ cheaply in eager mode (``InferenceGraph`` vs the model).
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 
 import pytest
@@ -262,20 +263,32 @@ def test_tensorrt_runner_says_it_needs_a_gpu(fixed_engine):
         TensorRTRunner(fixed_engine.with_name("copy.engine"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="deserialising and running an engine needs a CUDA GPU")
-def test_tensorrt_runner_on_gpu(fixed_k1, tmp_path):
+needs_gpu_trt = pytest.mark.skipif(
+    not torch.cuda.is_available() or importlib.util.find_spec("tensorrt") is None,
+    reason="deserialising and running an engine needs a CUDA GPU and the TensorRT runtime (tensorrt)")
+
+
+@needs_gpu_trt
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_engine_matches_pytorch_on_gpu(fixed_k1, tmp_path, precision):
+    """fp32: the parity bound of onnxruntime; fp16: PSNR against the float32 model above 45 dB."""
     model, path = fixed_k1
-    trt = pytest.importorskip("tensorrt", reason="the TensorRT runtime (tensorrt) is not installed")
-    assert trt is not None
     engine = tmp_path / "model.engine"
-    build_engine(path, engine, profile=Profile((1, 3, 32, 48), (1, 3, 32, 48), (2, 3, 32, 48)),
-                 module="tensorrt")
+    build_engine(path, engine, precision=precision, module="tensorrt",
+                 profile=Profile((1, 3, 32, 48), (2, 3, 32, 48), (2, 3, 32, 48)))
     runner = TensorRTRunner(engine)
+    assert runner.fixed_size == FIXED and runner.has_routing
     image = torch.rand(2, 3, 30, 45)
-    expected, _ = reference(model, image)
-    got = runner(image.cuda()).float().cpu()
-    assert (got - expected).abs().max().item() < ATOL
+    expected, expected_routing = reference(model, image)
+    got, routing = runner(image.cuda(), return_routing=True)
+    got = got.float().cpu()
+    assert got.shape == image.shape
+    if precision == "fp32":
+        assert (got - expected).abs().max().item() < ATOL
+        assert all(torch.equal(a.indices.cpu(), b.indices) for a, b in zip(routing, expected_routing))
+    else:
+        mse = (got.clamp(0, 1) - expected.clamp(0, 1)).pow(2).mean().item()
+        assert 10 * math.log10(1 / max(mse, 1e-20)) > 45
 
 
 # ---------------------------------------------------------------------------------------------- errors

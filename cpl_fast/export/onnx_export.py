@@ -86,7 +86,8 @@ def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int,
     if param.dtype != torch.float32:
         raise ValueError(f"export_onnx: export a float32 model (got {param.dtype}); TensorRT lowers the "
                          "precision itself (cpl-export trt --fp16/--bf16)")
-    graph = InferenceGraph(model.cpu(), size, return_routing=routing)
+    # The graph is traced on the CPU; the copy moves, the caller's model stays where it is.
+    graph = InferenceGraph(model, size, return_routing=routing).cpu()
     # Example input: batch 2 (torch.export specialises sizes 0 and 1); the smallest size a dynamic
     # graph accepts is one multiple, an example of 2 multiples keeps the trace general.
     example_hw = size if size is not None else (2 * multiple, 3 * multiple)
