@@ -125,7 +125,8 @@ DEFAULTS: dict[str, Any] = {
 # Mappings whose keys are free (not checked against DEFAULTS).
 FREE_MAPPINGS = {"model.overrides", "cpr.feature_options", "baselines"}
 
-PRESET_NAMES = ("three_task", "five_task", "seven_task", "all_weather", "cdd11", "weatherbench", "demo")
+PRESET_NAMES = ("three_task", "five_task", "seven_task", "all_weather", "cdd11", "weatherbench", "demo",
+                "repro")
 
 
 class ConfigError(ValueError):
