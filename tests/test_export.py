@@ -1,6 +1,6 @@
 """ONNX export, onnxruntime parity, TensorRT-RTX parse/build and the runners' checks.
 
-Exports are slow (30-100 s each for the tiny model on a shared 2-core machine; a dynamic-size graph
+Exports are slow (30-135 s each for the tiny model on a shared 2-core machine; a dynamic-size graph
 takes about twice as long as a fixed one), so the default run exports one graph (fixed size, top-1,
 routing outputs, through the CLI) and builds one TensorRT-RTX engine from it (profile dynamic in the
 batch); the dynamic-size graph (k = 2) and the other variants (fixed k = 2, dynamic k = 1, dense
