@@ -25,7 +25,6 @@ from cpl_fast.train.config import (
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.schedule import WarmupCosine, build_scheduler, warmup_iterations
 
-
 # Presets on the embedded data (no data root); the others are the paper's benchmarks.
 EMBEDDED = ("demo", "repro")
 

@@ -58,8 +58,8 @@ def _scatter_add_one_hot(self: torch.Tensor, dim: int, index: torch.Tensor,
     (``Equal``, ``Where``, ``ReduceSum``); other scatter_adds are not rewritten.
     """
     if self.dim() != 2 or index.dim() != 2 or dim not in (1, -1):
-        raise NotImplementedError("cpl_fast export: scatter_add is lowered only for (B, n) tensors along "
-                                  f"dim 1, got self {tuple(self.shape)}, dim {dim}")
+        raise ValueError("cpl_fast export: scatter_add is lowered only for (B, n) tensors along "
+                         f"dim 1, got self {tuple(self.shape)}, dim {dim}")
     hit = index.unsqueeze(-1) == torch.arange(self.shape[1], device=index.device)     # (B, k, n)
     return self + torch.where(hit, src.unsqueeze(-1), torch.zeros((), dtype=src.dtype)).sum(1)
 

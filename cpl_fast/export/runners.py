@@ -11,6 +11,7 @@ graph. A fixed-size graph accepts only its own padded size and says so otherwise
 """
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def check_image(image: torch.Tensor, channels: int = 3) -> None:
         raise TypeError(f"expected a floating-point image in [0, 1], got {image.dtype}")
 
 
-class Runner:
+class Runner(abc.ABC):
     """The shared part: input checks, padding, cropping, routing outputs.
 
     Subclasses set ``size_multiple``, ``fixed_size`` (``(H, W)`` or None), ``output_names`` and
@@ -74,8 +75,9 @@ class Runner:
                    for level in LEVEL_NAMES]
         return restored, routing
 
+    @abc.abstractmethod
     def _run(self, padded: torch.Tensor) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Run the graph on a padded batch; the outputs by name."""
 
 
 class OnnxRunner(Runner):
