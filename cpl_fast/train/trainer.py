@@ -47,8 +47,9 @@ from cpl_fast.data import (
     worker_init_fn,
 )
 from cpl_fast.data.io import is_image_file
+from cpl_fast.eval.loading import model_from_config
 from cpl_fast.losses import CPRLoss, build_features
-from cpl_fast.models import Routing, build_model
+from cpl_fast.models import Routing
 from cpl_fast.train.checkpointing import latest_checkpoint, read_checkpoint, save_checkpoint
 from cpl_fast.train.config import ConfigError, model_k_n
 from cpl_fast.train.ema import EMA
@@ -357,13 +358,7 @@ class Trainer:
                          if self.test_source is not None else None)
 
     def _build_model(self) -> nn.Module:
-        model_cfg = self.config["model"]
-        kwargs = dict(model_cfg["overrides"])
-        if model_cfg["k"] is not None:
-            kwargs["top_k"] = None if model_cfg["k"] == "all" else model_cfg["k"]
-        if model_cfg["n"] is not None:
-            kwargs["num_prompts"] = model_cfg["n"]
-        return build_model(model_cfg["preset"], **kwargs)
+        return model_from_config(self.config["model"])
 
     def _build_context(self) -> StepContext:
         cpr = self.config["cpr"]
