@@ -4,9 +4,15 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// The module only has to be importable: `import cpl_fast._C` runs the static registrations below.
+namespace cpl_fast {
+PyMethodDef* cpu_allocator_methods();  // csrc/cpu_allocator/caching_allocator.cpp
+}
+
+// `import cpl_fast._C` runs the static registrations below; the module's own functions are the
+// caching CPU allocator's controls (wrapped by cpl_fast/memory.py).
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, cpl_fast::cpu_allocator_methods()};
   return PyModule_Create(&module_def);
 }
 
