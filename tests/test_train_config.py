@@ -119,6 +119,9 @@ def test_merge_does_not_touch_its_inputs():
     (["model.overrides.top_k=2"], "set model.k instead"),
     (["data.layout=paired"], "needs a data root"),
     (["cpr.features=resnet"], "cpr.features must be one of"),
+    (["objective=fast", "cpr.neg_chunk=0"], "cpr.neg_chunk must be an integer >= 1"),
+    (["objective=loop", "cpr.neg_chunk=2"], "objective 'loop' does not take it"),
+    (["train.cpu_allocator=jemalloc"], "train.cpu_allocator must be one of"),
 ])
 def test_validation_errors_name_the_setting(overrides, message):
     with pytest.raises(ConfigError, match=message):

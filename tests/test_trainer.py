@@ -59,6 +59,41 @@ def test_few_steps_write_checkpoints_and_tensorboard(tmp_path, objective):
         assert torch.equal(fresh.state_dict()[key], value)
 
 
+def test_fast_objective_takes_neg_chunk_and_fit_uses_the_caching_cpu_allocator(tmp_path, monkeypatch):
+    from cpl_fast import memory
+
+    histories, caching_during_steps = {}, []
+    for chunk in ("null", "1"):
+        config = small_config("objective=fast", "precision=float64", f"cpr.neg_chunk={chunk}",
+                              "train.iterations=2", "checkpoint.every=10")
+        trainer = Trainer(config, tmp_path / chunk, log=lambda message: None)
+        assert trainer.context.neg_chunk == (None if chunk == "null" else 1)
+        step = trainer.train_step
+
+        def spying_step(step=step):
+            caching_during_steps.append(memory.cpu_caching_enabled())
+            return step()
+
+        monkeypatch.setattr(trainer, "train_step", spying_step)
+        histories[chunk] = trainer.fit()
+    # Chunked negatives: the same loss (float64), the same steps.
+    for whole, chunked in zip(histories["null"], histories["1"]):
+        assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-10)
+    assert caching_during_steps == [memory.cpu_caching_available()] * 4
+    assert not memory.cpu_caching_enabled()  # the allocator before fit is back
+
+
+def test_system_cpu_allocator_leaves_the_allocator_alone(tmp_path, monkeypatch):
+    from cpl_fast import memory
+
+    trainer = Trainer(small_config("objective=l1", "train.iterations=1", "train.cpu_allocator=system"), tmp_path,
+                      log=lambda message: None)
+    step, seen = trainer.train_step, []
+    monkeypatch.setattr(trainer, "train_step", lambda: (seen.append(memory.cpu_caching_enabled()), step())[1])
+    trainer.fit()
+    assert seen == [False]
+
+
 def test_accumulation_ema_and_clipping_run(tmp_path):
     trainer = Trainer(small_config("objective=l1", "optim.accumulate=2", "ema.enabled=true", "ema.decay=0.5",
                                    "optim.grad_clip=0.1", "train.iterations=2"), tmp_path, log=lambda m: None)

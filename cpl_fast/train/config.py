@@ -30,6 +30,7 @@ OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("warmup_cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
 PRECISIONS = ("float32", "float64")
+CPU_ALLOCATORS = ("caching", "system")
 FEATURE_NAMES = ("vgg19", "efficientnet_lite0", "random_vgg19")
 # "embedded": the built-in three-task set; "clean": a folder of clean images degraded on the fly
 # (the seven-task setting); the rest are cpl_fast.data layouts.
@@ -59,6 +60,7 @@ DEFAULTS: dict[str, Any] = {
         "form": "difference",      # difference (paper) | ratio
         "features": "vgg19",       # frozen feature extractor
         "feature_options": {},     # keyword arguments of the extractor (weights, layers)
+        "neg_chunk": None,         # objective fast: negatives decoded per pass (None: all in one pass)
     },
     "optim": {
         "name": "adam",
@@ -92,6 +94,7 @@ DEFAULTS: dict[str, Any] = {
         "epochs": 150,
         "iterations": None,        # optimiser steps; overrides epochs when set
         "log_every": 10,
+        "cpu_allocator": "caching",  # CPU runs: caching (cpl_fast.memory) | system
     },
     "checkpoint": {
         "every": 1000,             # optimiser steps between checkpoints (and one at the end)
@@ -381,6 +384,10 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_choice(config, "cpr.form", CPR_FORMS)
     _check_choice(config, "cpr.features", FEATURE_NAMES)
     _need(isinstance(cpr["feature_options"], Mapping), "cpr.feature_options must be a mapping")
+    _check_int(config, "cpr.neg_chunk", 1, optional=True)
+    _need(cpr["neg_chunk"] is None or config["objective"] in ("fast", "auto"),
+          f"cpr.neg_chunk chunks the negatives of objective fast; objective {config['objective']!r} "
+          f"does not take it")
     if config["objective"] != "l1" and cpr["sampler"] == "mismatched_experts" and n is not None:
         _need(cpr["m"] <= n - 1, f"cpr.m={cpr['m']} negatives with sampler mismatched_experts need "
                                  f"m <= n - 1 = {n - 1} (each negative uses a different other expert)")
@@ -422,6 +429,7 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_int(config, "train.epochs", 1)
     _check_int(config, "train.iterations", 1, optional=True)
     _check_int(config, "train.log_every", 1)
+    _check_choice(config, "train.cpu_allocator", CPU_ALLOCATORS)
     _check_int(config, "checkpoint.every", 1)
     _check_int(config, "checkpoint.keep", 1)
     _need(isinstance(config["ema"]["enabled"], bool), "ema.enabled must be true or false")

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cpl_fast import memory
 from cpl_fast.data import (
     DEGRADATIONS,
     EvalDataset,
@@ -193,8 +194,9 @@ class StepModule(nn.Module):
         self.step = step
 
     def forward(self, batch: Sequence, context: StepContext) -> CPLStepOutput:
+        extra = {} if context.neg_chunk is None else {"neg_chunk": context.neg_chunk}
         return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
-                         sampler=context.sampler, m=context.m, generator=context.generator)
+                         sampler=context.sampler, m=context.m, generator=context.generator, **extra)
 
 
 @dataclass
@@ -206,6 +208,7 @@ class StepContext:
     sampler: Any
     m: int
     generator: torch.Generator
+    neg_chunk: int | None = None  # objective fast only
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -357,6 +360,17 @@ class Trainer:
         self.eval_set = (EvalDataset(self.test_source, seed=self.config["seed"], task_ids=self.task_ids)
                          if self.test_source is not None else None)
 
+    def _cpu_allocator(self) -> contextlib.AbstractContextManager:
+        """``train.cpu_allocator=caching`` on the CPU: freed blocks are kept for the next step (no page
+        faults on every step's activations); the allocator before ``fit`` comes back after it."""
+        if self.device.type != "cpu" or self.config["train"]["cpu_allocator"] == "system":
+            return contextlib.nullcontext()
+        if not memory.cpu_caching_available():
+            self.log("train.cpu_allocator=caching: the compiled extension is unavailable, so CPU tensors "
+                     "come from the system allocator (same results, slower steps)")
+            return contextlib.nullcontext()
+        return memory.cpu_caching()
+
     def _build_model(self) -> nn.Module:
         return model_from_config(self.config["model"])
 
@@ -375,7 +389,8 @@ class Trainer:
         self.negative_sampler = sampler
         if self.info.enabled:
             sampler = GlobalBatchSampler(sampler, self.info)
-        return StepContext(features, cpr_loss, sampler, cpr["m"], generator)
+        neg_chunk = cpr["neg_chunk"] if self.objective == "fast" else None
+        return StepContext(features, cpr_loss, sampler, cpr["m"], generator, neg_chunk)
 
     def _total_steps(self) -> int:
         train = self.config["train"]
@@ -502,39 +517,12 @@ class Trainer:
         cfg = self.config
         writer = self._tensorboard()
         wandb_run = self._wandb()
-        images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg['name']} [{self.objective}]",
                    disable=not (cfg["logging"]["progress"] and self.info.is_main), dynamic_ncols=True)
         start_step, started = self.step, time.perf_counter()
         try:
-            while self.step < self.total_steps:
-                tick = time.perf_counter()
-                terms = self.train_step()
-                elapsed = time.perf_counter() - tick
-                terms.update(lr=self.scheduler.get_last_lr()[0], seconds=elapsed, step=self.step,
-                             images_per_s=images_per_step / max(elapsed, 1e-9))
-                self.history.append(terms)
-                bar.update(1)
-                bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}",
-                                cpr=f"{terms['cpr']:.2e}", img_s=f"{terms['images_per_s']:.1f}",
-                                refresh=False)
-                if writer is not None:
-                    for key, value in terms.items():
-                        if key != "step":
-                            writer.add_scalar(f"train/{key}", value, self.step)
-                if wandb_run is not None:
-                    wandb_run.log(terms, step=self.step)
-                if not cfg["logging"]["progress"] and self.step % cfg["train"]["log_every"] == 0:
-                    done = self.step - start_step
-                    eta = (time.perf_counter() - started) / done * (self.total_steps - self.step)
-                    self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} "
-                             f"l1 {terms['l1']:.5f} cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} "
-                             f"{terms['images_per_s']:.1f} img/s eta {eta:.0f}s")
-                if not math.isfinite(terms["loss"]):
-                    raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
-                if self.step % cfg["checkpoint"]["every"] == 0 and self.step < self.total_steps:
-                    path = self.save()
-                    self.log(f"checkpoint {path}")
+            with self._cpu_allocator():
+                self._fit_steps(bar, writer, wandb_run, start_step, started)
             path = self.save()
             self.log(f"checkpoint {path}")
         finally:
@@ -544,6 +532,39 @@ class Trainer:
             if wandb_run is not None:
                 wandb_run.finish()
         return self.history
+
+    def _fit_steps(self, bar, writer, wandb_run, start_step: int, started: float) -> None:
+        """The step loop of ``fit``: step, log, checkpoint every ``checkpoint.every`` steps."""
+        cfg = self.config
+        images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
+        while self.step < self.total_steps:
+            tick = time.perf_counter()
+            terms = self.train_step()
+            elapsed = time.perf_counter() - tick
+            terms.update(lr=self.scheduler.get_last_lr()[0], seconds=elapsed, step=self.step,
+                         images_per_s=images_per_step / max(elapsed, 1e-9))
+            self.history.append(terms)
+            bar.update(1)
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}",
+                            cpr=f"{terms['cpr']:.2e}", img_s=f"{terms['images_per_s']:.1f}",
+                            refresh=False)
+            if writer is not None:
+                for key, value in terms.items():
+                    if key != "step":
+                        writer.add_scalar(f"train/{key}", value, self.step)
+            if wandb_run is not None:
+                wandb_run.log(terms, step=self.step)
+            if not cfg["logging"]["progress"] and self.step % cfg["train"]["log_every"] == 0:
+                done = self.step - start_step
+                eta = (time.perf_counter() - started) / done * (self.total_steps - self.step)
+                self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} "
+                         f"l1 {terms['l1']:.5f} cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} "
+                         f"{terms['images_per_s']:.1f} img/s eta {eta:.0f}s")
+            if not math.isfinite(terms["loss"]):
+                raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
+            if self.step % cfg["checkpoint"]["every"] == 0 and self.step < self.total_steps:
+                path = self.save()
+                self.log(f"checkpoint {path}")
 
     def _tensorboard(self):
         if not (self.config["logging"]["tensorboard"] and self.info.is_main):
