@@ -27,7 +27,11 @@ compiled providers run on ``cpl-64-b1`` only, the fresh-process RSS only with ``
 ``torch.compile`` providers run last; one whose first (compiling) step takes
 longer than ``CPR_STEP_COMPILE_LIMIT_S`` (default 300 s), or that would start after
 ``CPR_STEP_BUDGET_S`` (default 900 s) of this module, is skipped with the measured reason.
-Run with ``pytest bench/test_cpr_step.py``; nothing here asserts a speed.
+CPU tensors come from ``cpl_fast.memory``'s caching allocator (what ``cpl-train`` uses on the CPU),
+emptied before each provider; ``CPR_STEP_CPU_ALLOCATOR=system`` measures glibc's instead, whose
+fresh mmap of every allocation above 32 MiB page-faults the one-pass step's large activations on
+every step (``bench/step_rusage.py``). Run with ``pytest bench/test_cpr_step.py``; nothing here
+asserts a speed.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from cpl_fast import memory
 from cpl_fast.losses import CPRLoss, PerceptualFeatures
 from cpl_fast.models import build_model
 from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step, loop_cpl_step
@@ -59,6 +64,10 @@ BUDGET_S = float(os.environ.get("CPR_STEP_BUDGET_S", "900"))
 # The slowest provider and the costly measurements run on the smallest case only (time budget).
 SMALL = "cpl-64-b1"
 RSS = os.environ.get("CPR_STEP_RSS", "0") == "1"
+# caching: cpl_fast.memory's caching CPU allocator (what cpl-train uses on the CPU); system: glibc's.
+CPU_ALLOCATOR = os.environ.get("CPR_STEP_CPU_ALLOCATOR", "caching")
+if CPU_ALLOCATOR not in ("caching", "system"):
+    raise ValueError(f"CPR_STEP_CPU_ALLOCATOR must be caching or system, got {CPU_ALLOCATOR!r}")
 START = time.perf_counter()
 RESULTS: dict[tuple[str, str], dict] = {}
 
@@ -134,7 +143,17 @@ def _rss_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def use_cpu_allocator() -> None:
+    """Install the allocator ``CPR_STEP_CPU_ALLOCATOR`` names, its cache empty."""
+    if CPU_ALLOCATOR == "caching":
+        memory.enable_cpu_caching()
+        memory.empty_cpu_cache()  # no blocks shaped by the previous provider
+    elif memory.cpu_caching_enabled():
+        memory.disable_cpu_caching()
+
+
 def _rss_main(case: str, provider: str) -> None:
+    use_cpu_allocator()
     train_step, _ = make_train_step(case, provider)
     before, high_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     train_step()
@@ -147,6 +166,8 @@ def _rss_main(case: str, provider: str) -> None:
 def write_summary(bench_notes):
     """After the last case, add the summary below the results table."""
     yield
+    if CPU_ALLOCATOR == "caching" and memory.cpu_caching_available():
+        memory.disable_cpu_caching()
     if RESULTS:
         bench_notes["cpr_step"].extend(summary())
 
@@ -167,6 +188,7 @@ def test_cpr_step_full(benchmark, peak_memory, bench_notes, device, provider, ca
         reason = f"skipped: the module had run {elapsed:.0f} s, over its {BUDGET_S:.0f} s budget"
         RESULTS[(case, provider)] = {"skipped": reason}
         pytest.skip(reason)
+    use_cpu_allocator()
     train_step, batch = make_train_step(case, provider)
 
     started = time.perf_counter()
@@ -247,7 +269,10 @@ def summary() -> list[str]:
             lines.append(f"- {case}: best of fast_fused(_chunk1)/compile_fast {min(best) * 1e3:.0f} ms vs "
                          f"compile_loop "
                          f"{compiled_loop['median_s'] * 1e3:.0f} ms (target: not slower)")
-    lines += ["", f"Rounds: {ROUNDS} after one warm-up step. CPU s/step: the process's CPU time per step "
+    allocator = ("cpl_fast.memory's caching CPU allocator (emptied before each provider)"
+                 if CPU_ALLOCATOR == "caching" else "the system allocator (glibc)")
+    lines += ["", f"CPU tensors from {allocator}; `CPR_STEP_CPU_ALLOCATOR=caching|system`.",
+              "", f"Rounds: {ROUNDS} after one warm-up step. CPU s/step: the process's CPU time per step "
               "(median over the rounds; on one thread the step's own compute, which other work sharing the "
               "processor inflates far less than wall time; on several threads it also counts their waiting). "
               "FLOPs of compiled providers: those of their "
