@@ -190,3 +190,43 @@ def test_bad_limit_is_refused(bad):
     with pytest.raises(ValueError, match="max_cached_bytes must be a non-negative int"):
         memory.enable_cpu_caching(bad)
     assert not memory.cpu_caching_enabled()
+
+
+def test_fork_while_another_thread_allocates_leaves_the_child_usable():
+    """DataLoader workers fork; the child's copy of the allocator's lock must not stay held."""
+    import os
+    import time
+
+    memory.enable_cpu_caching()
+    stop = threading.Event()
+
+    def churn() -> None:
+        # Freeing a full cache holds the allocator's lock for a while with the GIL released, so
+        # the main thread's fork lands inside it often.
+        while not stop.is_set():
+            blocks = [torch.empty(2 * MIB // 4) for _ in range(64)]
+            del blocks
+            memory.empty_cpu_cache()
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        for _ in range(40):
+            pid = os.fork()
+            if pid == 0:  # the child: allocate through the inherited allocator, then leave at once
+                ok = bool((torch.full((4 * MIB // 4,), 2.0) == 2.0).all())
+                os._exit(0 if ok else 1)
+            deadline = time.monotonic() + 30
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+                    pytest.fail("the forked child hung on the allocator's lock")
+                time.sleep(0.01)
+            assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        stop.set()
+        thread.join()

@@ -17,6 +17,7 @@
 // torch.profiler(profile_memory=True) counts the same bytes. Installing and removing the allocator
 // is done from Python (cpl_fast/memory.py) through the module functions defined at the bottom.
 #include <Python.h>
+#include <pthread.h>
 
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -79,7 +80,14 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   static CachingCPUAllocator& instance() {
     // Never destroyed: tensors freed during interpreter shutdown still reach a live allocator.
-    static auto* allocator = new CachingCPUAllocator();
+    static auto* allocator = [] {
+      auto* created = new CachingCPUAllocator();
+      // A fork (DataLoader workers) while another thread holds the lock would leave the child's
+      // copy locked forever: hold it across fork, release it on both sides.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+      return created;
+    }();
     return *allocator;
   }
 
@@ -250,9 +258,10 @@ PyObject* py_enable(PyObject*, PyObject* arg) {
   return PyBool_FromLong(ok);
 }
 
+// Freeing a large cache unmaps many blocks: let other Python threads run meanwhile.
 PyObject* py_disable(PyObject*, PyObject*) {
-  CachingCPUAllocator::instance().disable();
-  Py_RETURN_NONE;
+  Py_BEGIN_ALLOW_THREADS CachingCPUAllocator::instance().disable();
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 PyObject* py_enabled(PyObject*, PyObject*) {
@@ -260,8 +269,8 @@ PyObject* py_enabled(PyObject*, PyObject*) {
 }
 
 PyObject* py_empty(PyObject*, PyObject*) {
-  CachingCPUAllocator::instance().empty_cache();
-  Py_RETURN_NONE;
+  Py_BEGIN_ALLOW_THREADS CachingCPUAllocator::instance().empty_cache();
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 PyObject* py_reset_peak(PyObject*, PyObject*) {
