@@ -109,7 +109,7 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
     ``model_config``: a config ``model`` section that overrides the run's (None: the run's, else the
     layout default of the module docstring).
     """
-    from cpl_fast.models.checkpoint import _read
+    from cpl_fast.models.checkpoint import read_checkpoint_file
 
     weights, run_config = resolve_weights(ckpt)
     notes = []
@@ -117,7 +117,7 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
         raw: Any = str(weights)
         layout = "other"
     else:
-        raw = _read(weights)  # ValueError naming the file when it is not a readable checkpoint
+        raw = read_checkpoint_file(weights)  # ValueError naming the file when it is not a readable checkpoint
         layout = _layout(raw)
     if model_config is not None:
         config = copy.deepcopy(dict(model_config))

@@ -54,7 +54,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     if isinstance(path_or_state_dict, Mapping):
         source, raw = "<state dict>", path_or_state_dict
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
-        source, raw = str(path_or_state_dict), _read(Path(path_or_state_dict))
+        source, raw = str(path_or_state_dict), read_checkpoint_file(Path(path_or_state_dict))
     else:
         raise TypeError("load_checkpoint: expected a path or a state dict, "
                         f"got {type(path_or_state_dict).__name__}")
@@ -115,7 +115,9 @@ def save_model_state(model: nn.Module, path: str | os.PathLike,
     return path
 
 
-def _read(path: Path) -> Mapping[str, Any]:
+def read_checkpoint_file(path: Path) -> Mapping[str, Any]:
+    """The dictionary a checkpoint file holds (safetensors or ``torch.save``, read on the CPU with
+    ``weights_only``); FileNotFoundError / ValueError naming the file when it is missing or unreadable."""
     if not path.is_file():
         raise FileNotFoundError(f"load_checkpoint: no such file: {path}")
     try:
