@@ -1,12 +1,13 @@
 """A full CPL training step (forward, backward, Adam) with m = 4 negatives, k = 1, six ways.
 
 Cases: the ``cpl`` model (the paper's size) on 64x64 crops, batch 1 and 2; the ``tiny`` model on
-128x128 crops, batch 4. Providers: ``literal`` (Algorithm 1, per sample), ``loop`` (batched, one
-pass per negative), ``fast_reference`` / ``fast_fused`` (one encode, one decoder pass over
-``B (1 + m)`` rows; ``cpr_distances`` forced to the reference backend / left to dispatch, the fused
-kernel), ``fast_fused_chunk1`` (the same step with ``neg_chunk=1``: the positives and the first
-negative in one decoder pass, then one pass per negative; smaller passes keep a CPU's caches
-warm), ``compile_loop`` / ``compile_fast`` (``torch.compile`` of ``loop`` / ``fast_fused``).
+128x128 crops, batch 4; on a GPU also the ``cpl`` model at the paper's 128x128, batch 4 (every
+provider but ``literal``, the compiled ones included). Providers: ``literal`` (Algorithm 1, per
+sample), ``loop`` (batched, one pass per negative), ``fast_reference`` / ``fast_fused`` (one
+encode, one decoder pass over ``B (1 + m)`` rows; ``cpr_distances`` forced to the reference
+backend / left to dispatch, the fused kernel), ``fast_fused_chunk1`` (the same step with
+``neg_chunk=1``: the positives and the first negative in one decoder pass, then one pass per
+negative), ``compile_loop`` / ``compile_fast`` (``torch.compile`` of ``loop`` / ``fast_fused``).
 Features: VGG19 with random weights (same cost as the real one), taps relu1_1 ... relu5_1.
 
 Reported per case and provider: median time per step (wall clock, and the process's CPU time:
@@ -55,7 +56,11 @@ from cpl_fast.models import build_model
 from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step, loop_cpl_step
 
 M = 4
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
 CASES = {"cpl-64-b1": ("cpl", 64, 1), "cpl-64-b2": ("cpl", 64, 2), "tiny-128-b4": ("tiny", 128, 4)}
+if ON_GPU:  # the paper's crop size; does not fit this benchmark's CPU budget
+    CASES["cpl-128-b4"] = ("cpl", 128, 4)
 EAGER = ["literal", "loop", "fast_reference", "fast_fused", "fast_fused_chunk1"]
 COMPILED = ["compile_loop", "compile_fast"]
 ROUNDS = int(os.environ.get("CPR_STEP_ROUNDS", "1"))
@@ -72,15 +77,16 @@ START = time.perf_counter()
 RESULTS: dict[tuple[str, str], dict] = {}
 
 
-def make_setup(case: str):
+def make_setup(case: str, device: torch.device = DEVICE):
     """Model (train mode), features, loss, sampler, Adam and a seeded batch for one case."""
     preset, size, batch = CASES[case]
     torch.manual_seed(0)
-    model = build_model(preset).train()
-    features = PerceptualFeatures.random_vgg19(seed=0)
+    model = build_model(preset).train().to(device)
+    features = PerceptualFeatures.random_vgg19(seed=0).to(device)
     gen = torch.Generator().manual_seed(0)
     target = torch.rand(batch, 3, size, size, generator=gen)
     degraded = (target + 0.1 * torch.randn(batch, 3, size, size, generator=gen)).clamp(0, 1)
+    target, degraded = target.to(device), degraded.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     return model, features, CPRLoss(), MismatchedExperts(model.num_prompts), optimizer, (degraded, target)
 
@@ -93,19 +99,21 @@ def step_fn(provider: str):
             "compile_loop": (loop_cpl_step, None), "compile_fast": (fast_cpl_step, None)}[provider]
 
 
-def make_train_step(case: str, provider: str):
-    """``train_step()``: zero grads, CPL step, backward, Adam step; and the batch size."""
-    model, features, loss, sampler, optimizer, batch = make_setup(case)
+def make_train_step(case: str, provider: str, device: torch.device = DEVICE):
+    """``train_step()``: zero grads, CPL step, backward, Adam step (GPU: waited for); the batch size."""
+    model, features, loss, sampler, optimizer, batch = make_setup(case, device)
     fn, backend = step_fn(provider)
     if provider.startswith("compile"):
         fn = torch.compile(fn, dynamic=False)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(device=device).manual_seed(0)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
         out = fn(model, batch, features, loss, sampler, m=M, generator=generator)
         out.loss.backward()
         optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def with_backend() -> None:
         previous = os.environ.get("CPL_FAST_BACKEND")
@@ -144,7 +152,9 @@ def _rss_bytes() -> int:
 
 
 def use_cpu_allocator() -> None:
-    """Install the allocator ``CPR_STEP_CPU_ALLOCATOR`` names, its cache empty."""
+    """Install the allocator ``CPR_STEP_CPU_ALLOCATOR`` names, its cache empty (CPU runs)."""
+    if ON_GPU:
+        return
     if CPU_ALLOCATOR == "caching":
         memory.enable_cpu_caching()
         memory.empty_cpu_cache()  # no blocks shaped by the previous provider
@@ -166,7 +176,7 @@ def _rss_main(case: str, provider: str) -> None:
 def write_summary(bench_notes):
     """After the last case, add the summary below the results table."""
     yield
-    if CPU_ALLOCATOR == "caching" and memory.cpu_caching_available():
+    if not ON_GPU and CPU_ALLOCATOR == "caching" and memory.cpu_caching_available():
         memory.disable_cpu_caching()
     if RESULTS:
         bench_notes["cpr_step"].extend(summary())
@@ -174,12 +184,28 @@ def write_summary(bench_notes):
 
 ORDER = [("literal", SMALL)] + [(provider, case) for provider in EAGER[1:] for case in CASES] + \
         [(provider, SMALL) for provider in COMPILED]
+if ON_GPU:  # compiling is quick enough there to compare on the largest case too
+    ORDER += [(provider, "cpl-128-b4") for provider in COMPILED]
+
+
+@functools.cache
+def matmul_rate(dtype: torch.dtype) -> float:
+    """The GPU's measured dense matmul rate in FLOP/s (8192^3, the step's TF32 settings)."""
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=dtype)
+    b = torch.randn(8192, 8192, device=DEVICE, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return 20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3)
 
 
 @pytest.mark.parametrize("provider,case", ORDER, ids=[f"{p}-{c}" for p, c in ORDER])
-def test_cpr_step_full(benchmark, peak_memory, bench_notes, device, provider, case):
-    if device.type != "cpu":
-        pytest.skip("this benchmark is the CPU comparison; the models would need moving to the GPU")
+def test_cpr_step_full(benchmark, peak_memory, bench_notes, provider, case):
     benchmark.group = "cpr_step-full"
     benchmark.extra_info.update(case=case, provider=provider)
     compiled = provider.startswith("compile")
@@ -223,10 +249,26 @@ def test_cpr_step_full(benchmark, peak_memory, bench_notes, device, provider, ca
               "first_step_s": first, **measured}
     if compiled:
         record["peak_extra_bytes"] = peak_memory(train_step)
-    elif RSS:
+    elif RSS and not ON_GPU:
         record.update(rss_in_subprocess(case, provider))
     benchmark.extra_info.update(record)
     RESULTS[(case, provider)] = record
+
+
+def _gpu_rate_lines() -> list[str]:
+    """Achieved FLOP/s of every eager step as a fraction of the GPU's measured matmul rates."""
+    fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
+    lines = ["", f"### fraction of the measured matmul rate (fp32 {fp32 / 1e12:.1f} TFLOP/s, "
+                 f"bf16 {bf16 / 1e12:.1f} TFLOP/s; 8192^3 matmuls)", "",
+             "| case | provider | TFLOP/s | of fp32 | of bf16 |", "|---|---|---|---|---|"]
+    for (case, provider), r in RESULTS.items():
+        flops_of = {"compile_loop": "loop", "compile_fast": "fast_fused"}.get(provider, provider)
+        flops = RESULTS.get((case, flops_of), {}).get("flops")
+        if "median_s" not in r or flops is None:
+            continue
+        rate = flops / r["median_s"]
+        lines.append(f"| {case} | {provider} | {rate / 1e12:.2f} | {rate / fp32:.1%} | {rate / bf16:.1%} |")
+    return lines
 
 
 def summary() -> list[str]:
@@ -261,7 +303,7 @@ def summary() -> list[str]:
             if "median_s" in loop and "median_s" in fast:
                 lines.append(f"- {case}: {name} vs loop speed-up {loop['median_s'] / fast['median_s']:.2f}x "
                              f"wall, {loop['cpu_s'] / fast['cpu_s']:.2f}x CPU time "
-                             f"(target >= 1.25x on cpl); allocator peak {name}/loop "
+                             f"(target >= {'1.5' if ON_GPU else '1.25'}x on cpl); allocator peak {name}/loop "
                              f"{fast['peak_extra_bytes'] / loop['peak_extra_bytes']:.2f} (target <= 1)")
         best = [get(p)["median_s"] for p in ("fast_fused", "fast_fused_chunk1", "compile_fast")
                 if "median_s" in get(p)]
@@ -269,9 +311,16 @@ def summary() -> list[str]:
             lines.append(f"- {case}: best of fast_fused(_chunk1)/compile_fast {min(best) * 1e3:.0f} ms vs "
                          f"compile_loop "
                          f"{compiled_loop['median_s'] * 1e3:.0f} ms (target: not slower)")
+    if ON_GPU:
+        lines += _gpu_rate_lines()
     allocator = ("cpl_fast.memory's caching CPU allocator (emptied before each provider)"
                  if CPU_ALLOCATOR == "caching" else "the system allocator (glibc)")
-    lines += ["", f"CPU tensors from {allocator}; `CPR_STEP_CPU_ALLOCATOR=caching|system`.",
+    where = f"CPU tensors from {allocator}; `CPR_STEP_CPU_ALLOCATOR=caching|system`."
+    if ON_GPU:
+        where = (f"GPU: {torch.cuda.get_device_name()}, float32 weights, cuDNN TF32 "
+                 f"{torch.backends.cudnn.allow_tf32}, matmul precision "
+                 f"{torch.get_float32_matmul_precision()}.")
+    lines += ["", where,
               "", f"Rounds: {ROUNDS} after one warm-up step. CPU s/step: the process's CPU time per step "
               "(median over the rounds; on one thread the step's own compute, which other work sharing the "
               "processor inflates far less than wall time; on several threads it also counts their waiting). "
