@@ -214,6 +214,8 @@ def test_fork_while_another_thread_allocates_leaves_the_child_usable():
         for _ in range(40):
             pid = os.fork()
             if pid == 0:  # the child: allocate through the inherited allocator, then leave at once
+                # One thread first, as DataLoader workers do: GNU OpenMP's pool does not survive fork.
+                torch.set_num_threads(1)
                 ok = bool((torch.full((4 * MIB // 4,), 2.0) == 2.0).all())
                 os._exit(0 if ok else 1)
             deadline = time.monotonic() + 30
