@@ -10,6 +10,16 @@ import cpl_fast
 from cpl_fast import _extension
 
 
+def _cpu_allocator_state() -> str:
+    from cpl_fast import memory
+
+    if not memory.cpu_caching_available():
+        return "unavailable (needs cpl_fast._C)"
+    if memory.cpu_caching_enabled():
+        return "installed"
+    return "available (cpl_fast.memory; cpl-train uses it on the CPU)"
+
+
 def collect() -> dict:
     from cpl_fast import ops
 
@@ -27,6 +37,7 @@ def collect() -> dict:
         "triton": triton_version,
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "extension": _extension.load_error() or "loaded",
+        "cpu_caching_allocator": _cpu_allocator_state(),
         "build": _extension.build_config(),
         "backends": {str(d): ops.available_backends(d) for d in devices},
     }
@@ -38,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
           f" (CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}")
     print(f"devices: cpu{''.join(', ' + n for n in info['cuda_devices']) or ' (no CUDA device)'}")
     print(f"extension cpl_fast._C: {info['extension']}")
+    print(f"caching CPU allocator: {info['cpu_caching_allocator']}")
     build = info["build"]
     if build:
         print(f"built: CUDA kernels {'yes' if build.get('cuda') else 'no'}"

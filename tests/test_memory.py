@@ -232,3 +232,13 @@ def test_fork_while_another_thread_allocates_leaves_the_child_usable():
     finally:
         stop.set()
         thread.join()
+
+
+def test_cpl_info_reports_the_allocator(capsys):
+    from cpl_fast import info
+
+    assert info.collect()["cpu_caching_allocator"].startswith("available")
+    with memory.cpu_caching():
+        assert info.collect()["cpu_caching_allocator"] == "installed"
+        info.main([])
+    assert "caching CPU allocator: installed" in capsys.readouterr().out
