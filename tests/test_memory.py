@@ -242,3 +242,10 @@ def test_cpl_info_reports_the_allocator(capsys):
         assert info.collect()["cpu_caching_allocator"] == "installed"
         info.main([])
     assert "caching CPU allocator: installed" in capsys.readouterr().out
+
+
+def test_an_impossible_request_fails_with_the_system_error_and_leaves_the_cache_working():
+    memory.enable_cpu_caching()
+    with pytest.raises(RuntimeError, match="(?i)memory|allocat"):
+        torch.empty(1 << 61, dtype=torch.uint8)
+    assert bool((torch.full((MIB,), 3.0) == 3.0).all())

@@ -36,6 +36,9 @@ namespace cpl_fast {
 namespace {
 
 constexpr size_t kMinCachedBytes = size_t{1} << 20;  // 1 MiB
+// Requests above this (no machine has the memory) go straight to the system allocator, which
+// refuses them with its own error; rounding them could overflow.
+constexpr size_t kMaxCachedBytes = size_t{1} << 48;
 constexpr size_t kPage = 4096;
 // Raise above the default CPU allocator (priority 0) and anything registered at the same level.
 constexpr uint8_t kPriority = 100;
@@ -163,7 +166,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   }
 
   void* obtain(size_t nbytes) {
-    if (nbytes < kMinCachedBytes) {
+    if (nbytes < kMinCachedBytes || nbytes > kMaxCachedBytes) {
       void* ptr = c10::alloc_cpu(nbytes);  // throws c10::Error when the system has no memory
       std::lock_guard<std::mutex> lock(mutex_);
       live_[ptr] = 0;
