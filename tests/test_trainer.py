@@ -86,8 +86,8 @@ def test_fast_objective_takes_neg_chunk_and_fit_uses_the_caching_cpu_allocator(t
 def test_system_cpu_allocator_leaves_the_allocator_alone(tmp_path, monkeypatch):
     from cpl_fast import memory
 
-    trainer = Trainer(small_config("objective=l1", "train.iterations=1", "train.cpu_allocator=system"), tmp_path,
-                      log=lambda message: None)
+    config = small_config("objective=l1", "train.iterations=1", "train.cpu_allocator=system")
+    trainer = Trainer(config, tmp_path, log=lambda message: None)
     step, seen = trainer.train_step, []
     monkeypatch.setattr(trainer, "train_step", lambda: (seen.append(memory.cpu_caching_enabled()), step())[1])
     trainer.fit()
