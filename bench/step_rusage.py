@@ -51,6 +51,7 @@ def main(case: str, rounds: int, cpu_caching: bool) -> None:
         if cpu_caching:
             memory.empty_cpu_cache()
 
+
 if __name__ == "__main__":
     flags = [a for a in sys.argv[1:] if a.startswith("--")]
     args = [a for a in sys.argv[1:] if not a.startswith("--")]

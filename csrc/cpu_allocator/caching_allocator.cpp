@@ -29,7 +29,6 @@
 #include <iterator>
 #include <map>
 #include <mutex>
-#include <new>
 #include <unordered_map>
 
 namespace cpl_fast {
@@ -44,14 +43,9 @@ constexpr size_t kPage = 4096;
 constexpr uint8_t kPriority = 100;
 
 size_t round_size(size_t nbytes) {
-  // Size classes: multiples of 1/8 of the largest power of two not above the request.
-  size_t step = kPage;
-  for (size_t top = size_t{1} << 63; top > 0; top >>= 1) {
-    if (top <= nbytes) {
-      step = std::max(kPage, top >> 3);
-      break;
-    }
-  }
+  // Size classes: multiples of 1/8 of the largest power of two not above the request (nbytes > 0).
+  const size_t top = size_t{1} << (63 - __builtin_clzll(nbytes));
+  const size_t step = std::max(kPage, top >> 3);
   return (nbytes + step - 1) / step * step;
 }
 
@@ -206,14 +200,12 @@ class CachingCPUAllocator final : public c10::Allocator {
   void give_back(void* ptr) {
     std::unique_lock<std::mutex> lock(mutex_);
     auto it = live_.find(ptr);
-    if (it == live_.end()) {
-      // Not ours (cannot happen through allocate()); the system allocator owns it.
-      lock.unlock();
-      c10::free_cpu(ptr);
-      return;
+    // 0: a small block from the system allocator. Not found cannot happen through allocate();
+    // the system allocator owns such a pointer.
+    const size_t block = it == live_.end() ? 0 : it->second;
+    if (it != live_.end()) {
+      live_.erase(it);
     }
-    const size_t block = it->second;
-    live_.erase(it);
     if (block == 0) {
       lock.unlock();
       c10::free_cpu(ptr);
