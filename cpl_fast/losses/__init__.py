@@ -1,11 +1,11 @@
 """cpl_fast.losses: the contrastive prompt regularisation and its perceptual features."""
-from cpl_fast.losses.cpr import CPR_FORMS, CPRLoss, CPRTerms, cpl_loss, default_layer_weights
+from cpl_fast.losses.cpr import CPR_DISTANCES, CPR_FORMS, CPRLoss, CPRTerms, cpl_loss, default_layer_weights
 from cpl_fast.losses.perceptual import FEATURES, PerceptualFeatures, build_features
 from cpl_fast.losses.registry import LOSSES, build_loss
 from cpl_fast.losses.task_similarity import negative_weights_from_similarity
 
 __all__ = [
-    "CPR_FORMS", "CPRLoss", "CPRTerms", "cpl_loss", "default_layer_weights",
+    "CPR_DISTANCES", "CPR_FORMS", "CPRLoss", "CPRTerms", "cpl_loss", "default_layer_weights",
     "FEATURES", "PerceptualFeatures", "build_features",
     "LOSSES", "build_loss", "negative_weights_from_similarity",
 ]

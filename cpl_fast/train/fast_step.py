@@ -19,9 +19,12 @@ whose prompt modules take callable routing entries (``accepts_routing_callables`
 ``SparsePromptIR``) and a sampler with ``sample_level`` (``MismatchedExperts``). Otherwise (any
 ``EncodeDecodeModel``, any sampler) the positives are decoded first, the negatives drawn with the
 sampler's full call, and the negatives decoded in a second pass: the same rows and the same result.
+The second pass is also taken whenever ``neg_grad`` is not ``all``: the negatives are then decoded
+inside ``negative_pass`` (from a detached encoder state where the mode keeps the shared network out).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +33,7 @@ from torch import nn
 from cpl_fast.losses.cpr import CPRLoss
 from cpl_fast.models.protocol import map_state
 from cpl_fast.models.spm import Routing
+from cpl_fast.train.negative_grad import check_mode, detaches_shared_state, negative_pass
 from cpl_fast.train.samplers import NegativeSampler
 from cpl_fast.train.step_inputs import check_neg_weights, check_negatives, unpack_batch
 from cpl_fast.train.step_output import CPLStepOutput
@@ -66,13 +70,15 @@ def _first_rows(routing: Routing, rows: int) -> Routing:
 def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                   sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None, neg_chunk: int | None = None,
-                  neg_weights: torch.Tensor | None = None) -> CPLStepOutput:
+                  neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
     """One CPL step with the encoder shared by the positive and its negatives. Does not call ``backward``.
 
     Same arguments and result as ``literal_cpl_step``; ``negatives`` drawn with the same
     ``generator`` seed are the same. ``neg_chunk``: decode (and run ``phi`` on) at most that many
-    negatives per pass, to bound the size of one pass; same result.
+    negatives per pass, to bound the size of one pass; same result. ``neg_grad``: see
+    ``cpl_fast.train.negative_grad``.
     """
+    check_mode(neg_grad)
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         raise ValueError(f"the number of negatives m must be a positive int, got {m!r}")
     degraded, target, task_ids = unpack_batch(batch)
@@ -80,7 +86,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     check_neg_weights(neg_weights, size, m)
     chunks = _chunks(m, neg_chunk)
     levels = model.num_prompt_levels
-    one_pass = getattr(model, "accepts_routing_callables", False)
+    one_pass = getattr(model, "accepts_routing_callables", False) and neg_grad == "all"
     if negatives is not None:
         check_negatives(negatives, m, levels, size)
     elif one_pass and not hasattr(sampler, "sample_level"):
@@ -116,7 +122,11 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     with torch.no_grad():
         gt_feats = features(target)
     pos_feats: list[torch.Tensor] = []
+    if neg_grad == "none":
+        pos_feats = features(restored)       # the negatives' features below need no graph
+    neg_state = map_state(torch.Tensor.detach, state) if detaches_shared_state(neg_grad) else state
     neg_parts: list[list[torch.Tensor]] = []
+    neg_images: list[torch.Tensor] = []
     for start, stop in chunks:
         count = stop - start
         decode_positives = restored is None
@@ -125,13 +135,19 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
             entries = [with_positives(level, start, stop) for level in range(levels)]
         else:
             entries = [_cat_rows([drawn[t][level] for t in range(start, stop)]) for level in range(levels)]
-        images = model.decode(_repeat_rows(state, copies), entries)
         if decode_positives:
+            images = model.decode(_repeat_rows(state, copies), entries)
             restored = images[:size]
             routing = list(routing_slots)
-        elif not pos_feats:
-            images = torch.cat([restored, images])    # phi still sees positives and negatives in one batch
-        feats = features(images)
+            neg_images.append(images[size:].detach())
+        else:
+            with negative_pass(model, neg_grad):
+                images = model.decode(_repeat_rows(neg_state, copies), entries)
+            neg_images.append(images.detach())
+            if not pos_feats:
+                images = torch.cat([restored, images])    # phi still sees positives and negatives in one batch
+        with negative_pass(model, neg_grad) if neg_grad == "none" else contextlib.nullcontext():
+            feats = features(images)
         if not pos_feats:
             pos_feats = [f[:size] for f in feats]
             feats = [f[size:] for f in feats]
@@ -141,4 +157,5 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     terms = cpr_loss(pos_feats, gt_feats, neg_feats, neg_weights)
     l1 = (restored - target).abs().mean()
     return CPLStepOutput(loss=l1 + terms.loss, l1=l1, cpr=terms.loss, l_pos=terms.l_pos, l_neg=terms.l_neg,
-                         restored=restored, routing=routing, negatives=drawn)
+                         restored=restored, routing=routing, negatives=drawn,
+                         negative_images=torch.cat(neg_images).view(m, size, *restored.shape[1:]))

@@ -17,6 +17,7 @@ from torch import nn
 
 from cpl_fast.losses.cpr import CPRLoss
 from cpl_fast.models.spm import Routing
+from cpl_fast.train.negative_grad import check_mode, negative_pass
 from cpl_fast.train.samplers import NegativeSampler
 from cpl_fast.train.step_inputs import check_neg_weights, check_negatives, unpack_batch
 from cpl_fast.train.step_output import CPLStepOutput
@@ -40,13 +41,15 @@ def _cat_routings(per_sample: list[list[Routing]]) -> list[Routing]:
 def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                      sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                      generator: torch.Generator | None = None,
-                     neg_weights: torch.Tensor | None = None) -> CPLStepOutput:
+                     neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
     """One CPL step, per sample and per negative (Algorithm 1). Does not call ``backward``.
 
     ``batch``: ``(degraded, target, task_ids or None)``. ``negatives``: ``m`` per-level forced
     routings covering the batch (drawn with ``sampler(..., generator=generator)`` when None).
     ``neg_weights``: optional ``(B, m)`` weights on the negative term (see ``CPRLoss``).
+    ``neg_grad``: which parameters the negatives' gradient reaches (``cpl_fast.train.negative_grad``).
     """
+    check_mode(neg_grad)
     degraded, target, task_ids = unpack_batch(batch)
     size = degraded.shape[0]
     check_neg_weights(neg_weights, size, m)
@@ -61,10 +64,12 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
         negatives = sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
 
-    l1_rows, cpr_rows, l_pos_rows, l_neg_rows = [], [], [], []
+    l1_rows, cpr_rows, l_pos_rows, l_neg_rows, negative_rows = [], [], [], [], []
     for b in range(size):
         x_b, target_b, restored_b = degraded[b:b + 1], target[b:b + 1], restored_rows[b]
-        negative_images = [model(x_b, routing=[_row(r, b) for r in negatives[t]]) for t in range(m)]
+        with negative_pass(model, neg_grad):
+            negative_images = [model(x_b, routing=[_row(r, b) for r in negatives[t]]) for t in range(m)]
+        negative_rows.append(torch.stack(negative_images).detach())
         pos_feats = features(restored_b)
         with torch.no_grad():
             gt_feats = features(target_b)
@@ -82,4 +87,4 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
     cpr = torch.stack(cpr_rows).mean()
     return CPLStepOutput(loss=l1 + cpr, l1=l1, cpr=cpr, l_pos=torch.cat(l_pos_rows),
                          l_neg=torch.cat(l_neg_rows), restored=torch.cat(restored_rows), routing=routing,
-                         negatives=negatives)
+                         negatives=negatives, negative_images=torch.cat(negative_rows, dim=1))

@@ -13,6 +13,7 @@ from torch import nn
 
 from cpl_fast.losses.cpr import CPRLoss
 from cpl_fast.models.spm import Routing
+from cpl_fast.train.negative_grad import check_mode, negative_pass
 from cpl_fast.train.samplers import NegativeSampler
 from cpl_fast.train.step_inputs import check_neg_weights, check_negatives, unpack_batch
 from cpl_fast.train.step_output import CPLStepOutput
@@ -21,8 +22,9 @@ from cpl_fast.train.step_output import CPLStepOutput
 def loop_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                   sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None,
-                  neg_weights: torch.Tensor | None = None) -> CPLStepOutput:
+                  neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
     """One CPL step, batched per negative. Same arguments and result as ``literal_cpl_step``."""
+    check_mode(neg_grad)
     degraded, target, task_ids = unpack_batch(batch)
     size = degraded.shape[0]
     check_neg_weights(neg_weights, size, m)
@@ -36,10 +38,13 @@ def loop_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     pos_feats = features(restored)
     with torch.no_grad():
         gt_feats = features(target)
-    per_negative = [features(model(degraded, routing=list(negative))) for negative in negatives]
+    with negative_pass(model, neg_grad):
+        negative_images = [model(degraded, routing=list(negative)) for negative in negatives]
+    per_negative = [features(image) for image in negative_images]
     neg_feats = [torch.stack([feats[layer] for feats in per_negative]) for layer in range(len(pos_feats))]
     terms = cpr_loss(pos_feats, gt_feats, neg_feats, neg_weights)
 
     l1 = (restored - target).abs().mean()
     return CPLStepOutput(loss=l1 + terms.loss, l1=l1, cpr=terms.loss, l_pos=terms.l_pos, l_neg=terms.l_neg,
-                         restored=restored, routing=routing, negatives=negatives)
+                         restored=restored, routing=routing, negatives=negatives,
+                         negative_images=torch.stack(negative_images).detach())

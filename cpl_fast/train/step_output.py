@@ -13,7 +13,9 @@ class CPLStepOutput(NamedTuple):
 
     ``loss = l1 + cpr`` (scalars); ``l_pos``, ``l_neg`` ``(B,)``: the layer-weighted contrastive
     distances, for logging; ``restored``: the positive restorations ``(B, ...)``; ``routing``: the
-    positive's per-level batched routing; ``negatives``: the ``m`` per-level forced routings used.
+    positive's per-level batched routing; ``negatives``: the ``m`` per-level forced routings used;
+    ``negative_images``: the negatives' restorations ``(m, B, ...)``, detached (for the prompt gap;
+    None where a step decoded none).
     """
 
     loss: torch.Tensor
@@ -24,3 +26,4 @@ class CPLStepOutput(NamedTuple):
     restored: torch.Tensor
     routing: list[Routing]
     negatives: list[list[Routing]]
+    negative_images: torch.Tensor | None = None
