@@ -104,7 +104,7 @@ class PromptNAFNet(nn.Module):
     def __init__(self, inp_channels: int = 3, out_channels: int = 3, width: int = 32,
                  enc_blocks: Sequence[int] = (2, 2, 4, 8), middle_blocks: int = 12,
                  dec_blocks: Sequence[int] = (2, 2, 2, 2), num_prompts: int = 5, top_k: int | None = 1,
-                 renormalize: bool = False, prompt_dims: Sequence[int] | None = None,
+                 renormalize: bool = False, route_bias: bool = False, prompt_dims: Sequence[int] | None = None,
                  prompt_sizes: Sequence[int] | None = None) -> None:
         super().__init__()
         levels = len(enc_blocks)
@@ -140,7 +140,8 @@ class PromptNAFNet(nn.Module):
         for level, count in enumerate(dec_blocks):
             self.prompts.append(SparsePromptModule(prompt_dims[level], num_prompts, prompt_sizes[level],
                                                    channels,
-                                                   top_k=top_k, renormalize=renormalize))
+                                                   top_k=top_k, renormalize=renormalize,
+                                                   route_bias=route_bias))
             self.fuses.append(nn.Conv2d(channels + prompt_dims[level], channels, 1, bias=False))
             up = nn.Conv2d(channels, 2 * channels, 1, bias=False)    # 2C channels -> C at twice the size
             self.ups.append(nn.Sequential(up, nn.PixelShuffle(2)))

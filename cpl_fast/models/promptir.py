@@ -58,7 +58,8 @@ class SparsePromptIR(nn.Module):
                  heads: Sequence[int] = (1, 2, 4, 8), ffn_expansion_factor: float = 2.66,
                  num_prompts: int = 5, top_k: int | None = 1, renormalize: bool = False,
                  prompt_dims: Sequence[int] = (64, 128, 320),
-                 prompt_sizes: Sequence[int] = (64, 32, 16), prompt_heads: int = 4) -> None:
+                 prompt_sizes: Sequence[int] = (64, 32, 16), prompt_heads: int = 4,
+                 route_bias: bool = False) -> None:
         super().__init__()
         for name, value in (("num_blocks", num_blocks), ("heads", heads)):
             if len(value) != 4:
@@ -84,7 +85,7 @@ class SparsePromptIR(nn.Module):
 
         def spm(level: int, lin_dim: int) -> SparsePromptModule:
             return SparsePromptModule(prompt_dims[level], num_prompts, prompt_sizes[level], lin_dim,
-                                      top_k=top_k, renormalize=renormalize)
+                                      top_k=top_k, renormalize=renormalize, route_bias=route_bias)
 
         # Level 4 -> 3: the latent's prompt; the published code reduces to 4 dim before upsampling.
         self.prompt3 = spm(2, d4)

@@ -52,7 +52,8 @@ class SparsePromptModule(nn.Module):
     """
 
     def __init__(self, prompt_dim: int, prompt_len: int, prompt_size: int, lin_dim: int,
-                 top_k: int | None = 1, renormalize: bool = False, fold_cache_size: int = 4) -> None:
+                 top_k: int | None = 1, renormalize: bool = False, fold_cache_size: int = 4,
+                 route_bias: bool = False) -> None:
         super().__init__()
         if prompt_len < 1:
             raise ValueError("SparsePromptModule: prompt_len (the number of experts n) must be >= 1, "
@@ -73,6 +74,11 @@ class SparsePromptModule(nn.Module):
         self.prompt_param = nn.Parameter(torch.rand(prompt_len, prompt_dim, prompt_size, prompt_size))
         self.linear_layer = nn.Linear(lin_dim, prompt_len)
         self.conv3x3 = nn.Conv2d(prompt_dim, prompt_dim, kernel_size=3, stride=1, padding=1, bias=False)
+        # Selection-only expert biases (auxiliary-loss-free load balancing): added to the softmax for
+        # choosing the top-k, never to the gate weights, so they steer which expert serves a sample
+        # without entering the loss. A buffer, moved by the trainer from recent usage, saved with the
+        # weights; absent (None) unless asked for, so the published state dicts keep their keys.
+        self.register_buffer("route_bias", torch.zeros(prompt_len) if route_bias else None)
         # Folded maps of one fixed output size, set only for export (not part of the state dict).
         self.register_buffer("export_folded", None, persistent=False)
         self._fold_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -80,14 +86,19 @@ class SparsePromptModule(nn.Module):
 
     def extra_repr(self) -> str:
         n, c, s, _ = self.prompt_param.shape
-        return f"n={n}, prompt_dim={c}, prompt_size={s}, top_k={self.top_k}, renormalize={self.renormalize}"
+        bias = ", route_bias=True" if self.route_bias is not None else ""
+        return f"n={n}, prompt_dim={c}, prompt_size={s}, top_k={self.top_k}, renormalize={self.renormalize}{bias}"
 
     def route(self, probs: torch.Tensor) -> Routing:
         """The router's own choice for softmax probabilities ``probs (B, n)``."""
         if self.top_k is None:
             indices = torch.arange(self.num_prompts, device=probs.device).repeat(probs.shape[0], 1)
             return Routing(indices, probs, probs)
-        weights, indices = probs.topk(self.top_k, dim=1)
+        if self.route_bias is None:
+            weights, indices = probs.topk(self.top_k, dim=1)
+        else:
+            indices = (probs + self.route_bias.to(probs.dtype)).topk(self.top_k, dim=1).indices
+            weights = probs.gather(1, indices)
         if self.renormalize:
             weights = weights / weights.sum(dim=1, keepdim=True)
         return Routing(indices, weights, probs)
