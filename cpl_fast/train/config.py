@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import importlib.resources
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +26,10 @@ import yaml
 
 OBJECTIVES = ("literal", "loop", "fast", "l1", "auto")
 SAMPLER_NAMES = ("mismatched_experts", "other_task")
-CPR_FORMS = ("difference", "ratio")
+CPR_FORMS = ("difference", "ratio", "hinge", "logistic")
+CPR_DISTANCES = ("l2", "l1")
+NEG_GRAD_MODES = ("all", "no_bank", "prompts", "none")
+ROUTER_BALANCE = ("none", "aux_loss", "bias")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("warmup_cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -53,14 +57,35 @@ DEFAULTS: dict[str, Any] = {
         "overrides": {},           # any other constructor argument of the model
     },
     "cpr": {
+        # A named bundle of the settings below (see RECIPES); settings given explicitly win over it.
+        "recipe": "paper",
         "alpha": 0.01,
+        "alpha_relative": None,    # None: alpha fixed; r: alpha set at the first CPR step so that
+                                   # alpha * L_pos = r * L1 there (the feature extractor's scale)
         "m": 4,                    # negatives per sample
         "sampler": "mismatched_experts",
         "memory_size": 16,         # other_task: routings remembered per task
-        "form": "difference",      # difference (paper) | ratio
+        "form": "difference",      # difference (paper) | ratio | hinge | logistic
+        "distance": "l2",          # feature distance: l2 (mean squared, paper) | l1 (mean absolute)
+        "anchor_grad": True,       # L_neg also moves the positive I+ (paper: yes)
+        "neg_grad": "all",         # what the negatives' gradient trains: all | no_bank | prompts | none
+        "margin": 1.0,             # hinge: negatives pushed until L_neg >= margin * L_pos
+        "tau": None,               # logistic: temperature in L_pos units (None: L_pos of the first batch)
+        "warmup_steps": 0,         # plain L1 for this many steps before CPR starts
+        "ramp_steps": 0,           # then alpha rises linearly from 0 over this many steps
         "features": "vgg19",       # frozen feature extractor
         "feature_options": {},     # keyword arguments of the extractor (weights, layers)
         "neg_chunk": None,         # objective fast: negatives decoded per pass (None: all in one pass)
+    },
+    "router": {
+        "balance": "none",         # none | aux_loss (Switch-style load-balancing term) | bias
+                                   # (selection-only expert biases nudged from usage, DeepSeek-V3 style)
+        "aux_weight": 0.01,        # aux_loss: weight of n * sum_i f_i P_i per prompt level
+        "bias_rate": 0.001,        # bias: step of each expert's bias per optimiser step
+    },
+    "health": {
+        "grad_ratio_every": 50,    # steps between measurements of |grad CPR| / |grad L1| (0: never)
+        "warn": True,              # warn when routing collapses or the prompt gap grows large
     },
     "optim": {
         "name": "adam",
@@ -125,11 +150,19 @@ DEFAULTS: dict[str, Any] = {
     },
 }
 
+# Named CPR settings. "paper": Algorithm 1 as published (the values of DEFAULTS).
+RECIPES: dict[str, dict[str, Any]] = {
+    "paper": {},
+}
+
+_RECIPE_KEYS = ("alpha", "alpha_relative", "form", "distance", "anchor_grad", "neg_grad", "margin", "tau",
+                "warmup_steps", "ramp_steps")
+
 # Mappings whose keys are free (not checked against DEFAULTS).
 FREE_MAPPINGS = {"model.overrides", "cpr.feature_options", "baselines"}
 
 PRESET_NAMES = ("three_task", "five_task", "seven_task", "all_weather", "cdd11", "weatherbench", "demo",
-                "repro")
+                "repro", "cpr_study")
 
 
 class ConfigError(ValueError):
@@ -264,29 +297,65 @@ def _schema_at(path: str) -> Mapping[str, Any]:
     return node if isinstance(node, Mapping) else {}
 
 
+def with_recipe(config: Mapping[str, Any], recipe: str) -> dict[str, Any]:
+    """A copy of ``config`` whose CPR settings are those of ``recipe`` (``RECIPES``), the rest kept."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"cpr.recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
+    out = copy.deepcopy(dict(config))
+    out["cpr"] = {**out["cpr"], **{key: DEFAULTS["cpr"][key] for key in _RECIPE_KEYS},
+                  **copy.deepcopy(RECIPES[recipe]), "recipe": recipe}
+    return out
+
+
+def normalise(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings implied by others: ``router.balance=bias`` builds the model with selection biases."""
+    if config.get("router", {}).get("balance") == "bias":
+        overrides = config["model"].setdefault("overrides", {})
+        if isinstance(overrides, dict):
+            overrides["route_bias"] = True
+    return config
+
+
 def load_config(preset: str | None = None, files: Sequence[str | Path] = (),
                 overrides: Sequence[str] = (), data_root: str | None = None) -> dict[str, Any]:
-    """Defaults <- preset <- YAML files <- ``--data`` <- ``--set`` overrides; validated."""
-    config = copy.deepcopy(DEFAULTS)
+    """Defaults <- CPR recipe <- preset <- YAML files <- ``--data`` <- ``--set`` overrides; validated.
+
+    The recipe is read from the merged result (wherever ``cpr.recipe`` was set), and its bundle is
+    applied under every explicit setting, so ``--set cpr.alpha=...`` still wins over it.
+    """
+    layers: list[Mapping[str, Any]] = []
     if preset is not None:
-        config = merge(config, read_yaml(preset_path(preset)))
-    for path in files:
-        config = merge(config, read_yaml(path))
-    if data_root is not None:
-        config["data"]["root"] = str(data_root)
-    for text in overrides:
-        key, value = parse_override(text)
-        set_dotted(config, key, value)
+        layers.append(read_yaml(preset_path(preset)))
+    layers.extend(read_yaml(path) for path in files)
+    parsed = [parse_override(text) for text in overrides]
+
+    def build(base: dict[str, Any]) -> dict[str, Any]:
+        config = base
+        for layer in layers:
+            config = merge(config, layer)
+        if data_root is not None:
+            config["data"]["root"] = str(data_root)
+        for key, value in parsed:
+            set_dotted(config, key, value)
+        return config
+
+    recipe = build(copy.deepcopy(DEFAULTS))["cpr"]["recipe"]
+    config = normalise(build(with_recipe(DEFAULTS, recipe)))
     validate(config)
     return config
 
 
 def apply_overrides(config: Mapping[str, Any], dotted: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of ``config`` with ``{"model.preset": "tiny_dense", ...}`` applied and validated."""
+    """A copy of ``config`` with ``{"model.preset": "tiny_dense", ...}`` applied and validated.
+
+    A ``cpr.recipe`` among them first replaces the CPR settings with that recipe's bundle.
+    """
     out = copy.deepcopy(dict(config))
+    if "cpr.recipe" in dotted:
+        out = with_recipe(out, dotted["cpr.recipe"])
     for key, value in dotted.items():
         set_dotted(out, key, value)
-    validate(out)
+    validate(normalise(out))
     return out
 
 
@@ -322,8 +391,8 @@ def _check_number(config: Mapping[str, Any], key: str, low: float, high: float |
     value = get(config, key)
     if optional and value is None:
         return
-    ok = _is_number(value) and value >= low and (high is None or value <= high)
-    bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+    ok = _is_number(value) and math.isfinite(value) and value >= low and (high is None or value <= high)
+    bounds = f"in [{low}, {high}]" if high is not None else f">= {low} (finite)"
     _need(ok, f"{key} must be a number {bounds}; got {value!r}")
 
 
@@ -377,7 +446,23 @@ def validate(config: Mapping[str, Any]) -> None:
         _need(k <= n, f"model.k={k} must not exceed model.n={n} (top-k of n experts)")
 
     cpr = config["cpr"]
+    _need(cpr["recipe"] in RECIPES, f"cpr.recipe must be one of {', '.join(RECIPES)}; got {cpr['recipe']!r}")
     _check_number(config, "cpr.alpha", 0.0)
+    _check_number(config, "cpr.alpha_relative", 0.0, optional=True)
+    _need(cpr["alpha_relative"] is None or cpr["alpha_relative"] > 0,
+          f"cpr.alpha_relative must be null (fixed alpha) or a positive fraction of L1; got "
+          f"{cpr['alpha_relative']!r}")
+    _check_choice(config, "cpr.distance", CPR_DISTANCES)
+    _need(isinstance(cpr["anchor_grad"], bool), f"cpr.anchor_grad must be true or false; got "
+                                                f"{cpr['anchor_grad']!r}")
+    _check_choice(config, "cpr.neg_grad", NEG_GRAD_MODES)
+    _check_number(config, "cpr.margin", 0.0)
+    _need(cpr["margin"] > 0, f"cpr.margin must be positive; got {cpr['margin']!r}")
+    _check_number(config, "cpr.tau", 0.0, optional=True)
+    _need(cpr["tau"] is None or cpr["tau"] > 0, f"cpr.tau must be null (calibrated) or positive; got "
+                                                f"{cpr['tau']!r}")
+    _check_int(config, "cpr.warmup_steps", 0)
+    _check_int(config, "cpr.ramp_steps", 0)
     _check_int(config, "cpr.m", 1)
     _check_choice(config, "cpr.sampler", SAMPLER_NAMES)
     _check_int(config, "cpr.memory_size", 1)
@@ -391,6 +476,15 @@ def validate(config: Mapping[str, Any]) -> None:
     if config["objective"] != "l1" and cpr["sampler"] == "mismatched_experts" and n is not None:
         _need(cpr["m"] <= n - 1, f"cpr.m={cpr['m']} negatives with sampler mismatched_experts need "
                                  f"m <= n - 1 = {n - 1} (each negative uses a different other expert)")
+
+    _check_choice(config, "router.balance", ROUTER_BALANCE)
+    _check_number(config, "router.aux_weight", 0.0)
+    _check_number(config, "router.bias_rate", 0.0)
+    if config["router"]["balance"] != "none":
+        _need(k is not None, f"router.balance={config['router']['balance']} balances sparse routing; the "
+                             f"model is dense (model.k=all or a dense preset)")
+    _check_int(config, "health.grad_ratio_every", 0)
+    _need(isinstance(config["health"]["warn"], bool), "health.warn must be true or false")
 
     _check_choice(config, "optim.name", OPTIMIZERS)
     _check_number(config, "optim.lr", 0.0)

@@ -48,14 +48,17 @@ from cpl_fast.data import (
     worker_init_fn,
 )
 from cpl_fast.data.io import is_image_file
+from cpl_fast.eval.health import prompt_gap_db
 from cpl_fast.eval.loading import model_from_config
 from cpl_fast.losses import CPRLoss, build_features
 from cpl_fast.models import Routing
 from cpl_fast.train.checkpointing import latest_checkpoint, read_checkpoint, save_checkpoint
 from cpl_fast.train.config import ConfigError, model_k_n
 from cpl_fast.train.ema import EMA
+from cpl_fast.train.health import TrainingHealth
 from cpl_fast.train.literal_step import literal_cpl_step
 from cpl_fast.train.loop_step import loop_cpl_step
+from cpl_fast.train.router_balance import load_balancing_loss, update_route_bias
 from cpl_fast.train.samplers import OtherTask, build_sampler
 from cpl_fast.train.schedule import build_scheduler
 from cpl_fast.train.step_inputs import unpack_batch
@@ -107,6 +110,14 @@ def resolve_objective(name: str) -> tuple[str, StepFn]:
     if name not in STEPS:
         raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(STEPS)} or auto")
     return name, STEPS[name]()
+
+
+HEALTH_KEYS = ("prompt_gap", "grad_ratio", "router_aux")
+
+
+def _log_group(key: str) -> str:
+    """``health`` for the training-health signals, ``train`` for the losses and rates."""
+    return "health" if key in HEALTH_KEYS or key.startswith(("usage_entropy_l", "task_info_l")) else "train"
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -194,7 +205,11 @@ class StepModule(nn.Module):
         self.step = step
 
     def forward(self, batch: Sequence, context: StepContext) -> CPLStepOutput:
+        if context.l1_only or context.cpr_loss is None:
+            return l1_step(self.model, batch)
         extra = {} if context.neg_chunk is None else {"neg_chunk": context.neg_chunk}
+        if context.neg_grad != "all":
+            extra["neg_grad"] = context.neg_grad
         return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
                          sampler=context.sampler, m=context.m, generator=context.generator, **extra)
 
@@ -209,6 +224,8 @@ class StepContext:
     m: int
     generator: torch.Generator
     neg_chunk: int | None = None  # objective fast only
+    neg_grad: str = "all"         # where the negatives' gradient goes (cpl_fast.train.negative_grad)
+    l1_only: bool = False         # CPR warm-up: this step is plain L1
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -330,6 +347,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=config["amp"] == "fp16")
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.history: list[dict[str, float]] = []
+        # alpha / tau set from the first CPR batch (cpr.alpha_relative, logistic tau: null): saved with
+        # the trainer state so a resumed run keeps them.
+        self.cpr_calibration: dict[str, float] = {}
+        self.health = TrainingHealth(self.model, self.config, self.log)
         self._iterator = None
         if resume:
             self._resume()
@@ -380,7 +401,9 @@ class Trainer:
         if self.objective == "l1":
             return StepContext(None, None, None, 0, generator)
         features = build_features(cpr["features"], **cpr["feature_options"]).to(self.device, self.dtype)
-        cpr_loss = CPRLoss(alpha=cpr["alpha"], form=cpr["form"])
+        cpr_loss = CPRLoss(alpha=cpr["alpha"], form=cpr["form"], distance=cpr["distance"],
+                           anchor_grad=cpr["anchor_grad"], margin=cpr["margin"],
+                           tau=cpr["tau"] if cpr["tau"] is not None else None)
         _, n = model_k_n(self.config)
         if cpr["sampler"] == "other_task":
             sampler = build_sampler("other_task", num_tasks=self.num_tasks, memory_size=cpr["memory_size"])
@@ -390,7 +413,7 @@ class Trainer:
         if self.info.enabled:
             sampler = GlobalBatchSampler(sampler, self.info)
         neg_chunk = cpr["neg_chunk"] if self.objective == "fast" else None
-        return StepContext(features, cpr_loss, sampler, cpr["m"], generator, neg_chunk)
+        return StepContext(features, cpr_loss, sampler, cpr["m"], generator, neg_chunk, cpr["neg_grad"])
 
     def _total_steps(self) -> int:
         train = self.config["train"]
@@ -414,7 +437,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict(), "rng": capture_rng(),
                 "negative_generator": self.context.generator.get_state(),
                 "loader_generator": self.loader_generator.get_state(),
-                "sampler_memory": self._sampler_memory(), "history": self.history}
+                "sampler_memory": self._sampler_memory(), "history": self.history,
+                "cpr_calibration": dict(self.cpr_calibration), "health": self.health.state_dict()}
 
     def info_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
@@ -452,6 +476,8 @@ class Trainer:
                 entries.clear()
                 entries.extend(tuple((i.to(self.device), w.to(self.device)) for i, w in row) for row in saved)
         self.history = list(state["history"])
+        self.cpr_calibration = dict(state.get("cpr_calibration") or {})
+        self.health.load_state_dict(state.get("health") or {})
         restore_rng(state["rng"])
         self.log(f"resumed {self.run_dir} at step {self.step} "
                  f"(epoch {self.epoch}, batch {self.batches_in_epoch})")
@@ -477,23 +503,118 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
+    def cpr_alpha(self, step: int) -> float:
+        """The CPR weight at optimiser step ``step``: 0 during ``cpr.warmup_steps``, then ramped in."""
+        cpr = self.config["cpr"]
+        base = self.cpr_calibration.get("alpha", cpr["alpha"])
+        start, ramp = cpr["warmup_steps"], cpr["ramp_steps"]
+        if step < start:
+            return 0.0
+        if ramp > 0:
+            return base * min(1.0, (step - start + 1) / ramp)
+        return base
+
+    def _needs_calibration(self) -> bool:
+        cpr = self.config["cpr"]
+        if self.objective == "l1":
+            return False
+        want_alpha = cpr["alpha_relative"] is not None and "alpha" not in self.cpr_calibration
+        want_tau = cpr["form"] == "logistic" and cpr["tau"] is None and "tau" not in self.cpr_calibration
+        return want_alpha or want_tau
+
+    @torch.no_grad()
+    def _calibrate(self, batch: Sequence) -> None:
+        """Set alpha (``alpha * L_pos = alpha_relative * L1``) and the logistic tau (``L_pos``) from one
+        batch, with a copy of the negatives' generator so the run's draws are unchanged."""
+        cpr = self.config["cpr"]
+        loss = self.context.cpr_loss
+        saved_alpha, saved_tau = loss.alpha, loss.tau
+        generator = torch.Generator(device=self.context.generator.device)
+        generator.set_state(self.context.generator.get_state())
+        context = StepContext(self.context.features, loss, self.context.sampler, self.context.m, generator,
+                              self.context.neg_chunk, self.context.neg_grad)
+        loss.alpha, loss.tau = 1.0, saved_tau or 1.0
+        try:
+            with self._autocast():
+                out = self.step_module(batch, context)
+        finally:
+            loss.alpha, loss.tau = saved_alpha, saved_tau
+        values = torch.stack([out.l1.detach().double(), out.l_pos.detach().double().mean()])
+        if self.info.enabled:
+            dist.all_reduce(values)
+            values /= self.info.world_size
+        l1, l_pos = float(values[0]), float(values[1])
+        if not (math.isfinite(l_pos) and l_pos > 0):
+            raise FloatingPointError(f"cannot calibrate CPR: L_pos of the first batch is {l_pos}")
+        if cpr["alpha_relative"] is not None and "alpha" not in self.cpr_calibration:
+            self.cpr_calibration["alpha"] = cpr["alpha_relative"] * l1 / l_pos
+        if cpr["form"] == "logistic" and cpr["tau"] is None and "tau" not in self.cpr_calibration:
+            self.cpr_calibration["tau"] = l_pos
+        self.log(f"CPR calibrated on the first batch (L1 {l1:.4g}, L_pos {l_pos:.4g}): "
+                 + ", ".join(f"{key} = {value:.4g}" for key, value in self.cpr_calibration.items()))
+
+    def _prepare_cpr(self, batch: Sequence) -> None:
+        """This step's CPR settings: warm-up, calibration, alpha."""
+        if self.context.cpr_loss is None:
+            return
+        alpha = self.cpr_alpha(self.step)
+        self.context.l1_only = alpha == 0.0 and self.config["cpr"]["warmup_steps"] > self.step
+        if self.context.l1_only:
+            self.context.cpr_loss.alpha = 0.0
+            return
+        if self._needs_calibration():
+            self._calibrate(batch)
+        self.context.cpr_loss.alpha = self.cpr_alpha(self.step)
+        if "tau" in self.cpr_calibration:
+            self.context.cpr_loss.tau = self.cpr_calibration["tau"]
+
+    def _router_loss(self, out: CPLStepOutput) -> torch.Tensor | None:
+        router = self.config["router"]
+        if router["balance"] != "aux_loss" or router["aux_weight"] == 0:
+            return None
+        return router["aux_weight"] * load_balancing_loss(out.routing, self.model.num_prompts)
+
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``optim.accumulate`` micro-batches; returns the logged terms."""
         accumulate = self.config["optim"]["accumulate"]
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "l1": 0.0, "cpr": 0.0, "l_pos": 0.0, "l_neg": 0.0}
+        extras: dict[str, float] = {}
+        routings, task_ids = [], []
         for micro in range(accumulate):
             batch = self._next_batch()
+            if micro == 0:
+                self._prepare_cpr(batch)
             last = micro == accumulate - 1
             sync = contextlib.nullcontext() if last or not self.info.enabled else self.runner.no_sync()
             with sync:
                 with self._autocast():
                     out = self.runner(batch, self.context)
-                self.scaler.scale(out.loss / accumulate).backward()
+                    loss = out.loss
+                    aux = self._router_loss(out)
+                    if aux is not None:
+                        loss = loss + aux
+                        extras["router_aux"] = extras.get("router_aux", 0.0) + float(aux.detach()) / accumulate
+                if micro == 0 and self.health.wants_grad_ratio(self.step, out, self.info.enabled):
+                    extras["grad_ratio"] = self.health.grad_ratio(out)
+                self.scaler.scale(loss / accumulate).backward()
             for key in sums:
                 value = getattr(out, key)
                 sums[key] += float(value.detach().float().mean()) / accumulate if value.numel() else 0.0
+            if out.negative_images is not None and out.negative_images.numel():
+                extras["prompt_gap"] = extras.get("prompt_gap", 0.0) + prompt_gap_db(
+                    out.restored, out.negative_images, batch[1]) / accumulate
+            routings.append([r.indices.detach() for r in out.routing])
+            task_ids.append(batch[2])
+        if self.config["router"]["balance"] == "bias":
+            merged = [Routing(torch.cat([r[level] for r in routings]), torch.empty(0))
+                      for level in range(len(routings[0]))]
+            update_route_bias(self.model, merged, self.config["router"]["bias_rate"], self.info.enabled)
+        self.health.observe([torch.cat([r[level] for r in routings]) for level in range(len(routings[0]))],
+                            torch.cat(task_ids))
+        sums["alpha"] = self.context.cpr_loss.alpha if self.context.cpr_loss is not None else 0.0
+        sums.update(extras)
         grad_clip = self.config["optim"]["grad_clip"]
         if grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
@@ -537,12 +658,19 @@ class Trainer:
         """The step loop of ``fit``: step, log, checkpoint every ``checkpoint.every`` steps."""
         cfg = self.config
         images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
+        gaps: list[float] = []
         while self.step < self.total_steps:
             tick = time.perf_counter()
             terms = self.train_step()
             elapsed = time.perf_counter() - tick
             terms.update(lr=self.scheduler.get_last_lr()[0], seconds=elapsed, step=self.step,
                          images_per_s=images_per_step / max(elapsed, 1e-9))
+            if "prompt_gap" in terms:
+                gaps.append(terms["prompt_gap"])
+            if self.step % cfg["train"]["log_every"] == 0 or self.step == self.total_steps:
+                gap = sum(gaps) / len(gaps) if gaps else None
+                gaps.clear()
+                terms.update(self.health.summary(self.step, gap))
             self.history.append(terms)
             bar.update(1)
             bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}",
@@ -551,15 +679,17 @@ class Trainer:
             if writer is not None:
                 for key, value in terms.items():
                     if key != "step":
-                        writer.add_scalar(f"train/{key}", value, self.step)
+                        writer.add_scalar(f"{_log_group(key)}/{key}", value, self.step)
             if wandb_run is not None:
                 wandb_run.log(terms, step=self.step)
             if not cfg["logging"]["progress"] and self.step % cfg["train"]["log_every"] == 0:
                 done = self.step - start_step
                 eta = (time.perf_counter() - started) / done * (self.total_steps - self.step)
+                health = "".join(f" {key} {terms[key]:.2f}" for key in sorted(terms)
+                                 if _log_group(key) == "health")
                 self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} "
                          f"l1 {terms['l1']:.5f} cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} "
-                         f"{terms['images_per_s']:.1f} img/s eta {eta:.0f}s")
+                         f"{terms['images_per_s']:.1f} img/s eta {eta:.0f}s{health}")
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
             if self.step % cfg["checkpoint"]["every"] == 0 and self.step < self.total_steps:
