@@ -30,6 +30,10 @@ UNUSED_OFFICIAL_KEYS = frozenset({
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
+class KeyMismatchError(ValueError):
+    """The checkpoint's tensors do not fit the model (wrong shapes, or missing / unexpected keys)."""
+
+
 @dataclass
 class LoadReport:
     """What ``load_checkpoint`` found and did."""
@@ -47,9 +51,10 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
                     strict: bool = True) -> LoadReport:
     """Load weights into ``model`` from any supported checkpoint; returns a ``LoadReport``.
 
-    Nothing is loaded unless every shared key has the model's shape (ValueError listing the
-    offenders) and, with ``strict``, the key sets agree (ValueError listing missing/unexpected keys).
-    Unreadable files raise ValueError naming the file.
+    Nothing is loaded unless every shared key has the model's shape (KeyMismatchError, a ValueError,
+    listing the offenders) and, with ``strict``, the key sets agree (KeyMismatchError listing
+    missing/unexpected keys). Unreadable files, and state dicts holding anything but tensors, raise
+    ValueError naming the file.
     """
     if isinstance(path_or_state_dict, Mapping):
         source, raw = "<state dict>", path_or_state_dict
@@ -79,10 +84,11 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     mismatched = [f"{key}: checkpoint {tuple(adapted[key].shape)} vs model {tuple(expected[key].shape)}"
                   for key in adapted if key in expected and adapted[key].shape != expected[key].shape]
     if mismatched:
-        raise ValueError(f"load_checkpoint({source}): {len(mismatched)} tensor(s) have the wrong shape:\n  "
+        raise KeyMismatchError(f"load_checkpoint({source}): {len(mismatched)} tensor(s) have the wrong "
+                               f"shape:\n  "
                          + "\n  ".join(mismatched))
     if strict and (report.missing_keys or report.unexpected_keys):
-        raise ValueError(f"load_checkpoint({source}, strict=True): keys disagree with the model "
+        raise KeyMismatchError(f"load_checkpoint({source}, strict=True): keys disagree with the model "
                          f"({layout} layout)\n  missing: {_summary(report.missing_keys)}\n"
                          f"  unexpected: {_summary(report.unexpected_keys)}")
     model.load_state_dict({key: adapted[key] for key in adapted if key in expected}, strict=False)
@@ -138,7 +144,8 @@ def _unwrap(obj: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, torc
     if isinstance(obj.get("state_dict"), Mapping):
         state = obj["state_dict"]
         # Lightning prefixes the wrapped network's attribute name ('net' in PromptIR's module).
-        return "lightning", {key.removeprefix("net."): value for key, value in state.items()}
+        unwrapped = {key.removeprefix("net."): value for key, value in state.items()}
+        return "lightning", _tensors(unwrapped, source)
     for name in ("params_ema", "params"):
         if isinstance(obj.get(name), Mapping):
             return f"basicsr:{name}", _tensors(obj[name], source)
