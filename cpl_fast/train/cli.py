@@ -6,9 +6,15 @@
     cpl-train --resume runs/three_task-20250101-120000    # continue exactly where it stopped
     torchrun --nproc-per-node 4 -m cpl_fast.train.cli --preset three_task --data /data/promptir
 
-A run folder (default ``runs/<name>-<timestamp>``) holds ``config.yaml``, ``checkpoints/``,
-``tensorboard/``, ``result.json`` (scores, history) and, when ``report.enabled``, ``report.md`` with
-its figures. Each entry of ``baselines`` is trained the same way in a sub-folder of the run.
+A run folder (default ``runs/<name>-<timestamp>``, a new folder for every run) holds ``config.yaml``,
+``checkpoints/``, ``tensorboard/``, ``result.json`` (scores, history) and, when ``report.enabled``,
+``report.md`` with its figures. Each entry of ``baselines`` is trained the same way in a sub-folder of
+the run. A run locks its folder for as long as it runs, and a fresh run refuses a folder that already
+holds one unless ``--overwrite`` (see ``cpl_fast.train.run_folder``).
+
+Exit status: 0 OK; 2 bad arguments, configuration, data, checkpoint or run folder (nothing trained);
+1 the run stopped while training (the loss or the weights became non-finite, an image could not be
+read, a file could not be written: disk full, no permission).
 """
 from __future__ import annotations
 
@@ -16,13 +22,22 @@ import argparse
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import yaml
 
 from cpl_fast.data import LayoutError
-from cpl_fast.train.checkpointing import CHECKPOINT_DIR, LATEST, CheckpointError
+from cpl_fast.data.io import error_text
+from cpl_fast.train.checkpointing import (
+    CHECKPOINT_DIR,
+    LATEST,
+    CheckpointError,
+    NonFiniteWeightsError,
+    checkpoint_folders,
+)
 from cpl_fast.train.config import (
     PRESET_NAMES,
     ConfigError,
@@ -37,7 +52,17 @@ from cpl_fast.train.config import (
     set_dotted,
     validate,
 )
+from cpl_fast.train.memory_budget import MemoryBudgetError, check_step_memory
 from cpl_fast.train.report import RunResult, summary_text, write_report
+from cpl_fast.train.run_folder import (
+    RunFolderError,
+    RunLock,
+    check_folder_name,
+    clear_run,
+    create_unique_folder,
+    holds_run,
+    remove_if_unused,
+)
 
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
@@ -54,10 +79,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a setting (dotted key, YAML value), e.g. --set optim.lr=1e-4")
     parser.add_argument("--data", metavar="ROOT", help="data root (same as --set data.root=ROOT)")
     parser.add_argument("--run-dir", metavar="DIR", help="run folder (default runs/<name>-<timestamp>)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in a --run-dir that already holds a run, deleting that run first")
     parser.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                         help="continue a run from its newest checkpoint (default: the newest run of "
                              "this config's name)")
     return parser
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether a run folder has a checkpoint to resume (``latest``, or a step folder to fall back to)."""
+    return (folder / CHECKPOINT_DIR / LATEST).is_file() or bool(checkpoint_folders(folder))
 
 
 def _newest_run(config: Mapping[str, Any]) -> Path:
@@ -69,9 +101,18 @@ def _newest_run(config: Mapping[str, Any]) -> Path:
     return candidates[-1]
 
 
-def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
-    """The config, the run folder and whether to resume."""
+def _check_names(config: Mapping[str, Any]) -> None:
+    """The run's name and its baselines' are folder names: no path may leave ``run.root`` or the run."""
+    check_folder_name(config["name"], "name")
+    for name in config["baselines"]:
+        check_folder_name(name, "every name under baselines")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, bool]:
+    """The config, the run folder (None: a new one under ``run.root``) and whether to resume."""
     if args.resume is not None:
+        if args.overwrite:
+            raise RunFolderError("--overwrite starts a fresh run; it cannot be combined with --resume")
         if args.resume:
             run_dir = Path(args.resume)
         else:
@@ -79,7 +120,8 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
         if not (run_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing): "
                                   f"nothing to resume")
-        if not (run_dir / CHECKPOINT_DIR / LATEST).is_file() and not (run_dir / RESULT_FILE).is_file():
+        RunLock(run_dir).check_free()  # a running run first: it may not have checkpointed yet
+        if not _has_checkpoint(run_dir) and not (run_dir / RESULT_FILE).is_file():
             raise CheckpointError(f"run folder {run_dir} has no checkpoint yet: nothing to resume")
         config = read_yaml(run_dir / CONFIG_FILE)
         for text in args.overrides:
@@ -87,15 +129,75 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool]:
         if args.data is not None:
             config["data"]["root"] = args.data
         validate(config)
+        _check_names(config)
         return config, run_dir, True
     config = load_config(args.preset, args.config, args.overrides, args.data)
+    _check_names(config)
     if args.run_dir is not None:
-        run_dir = Path(args.run_dir)
-    elif config["run"]["dir"] is not None:
-        run_dir = Path(config["run"]["dir"])
-    else:
-        run_dir = Path(config["run"]["root"]) / f"{config['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return config, run_dir, False
+        return config, Path(args.run_dir), False
+    if config["run"]["dir"] is not None:
+        return config, Path(config["run"]["dir"]), False
+    return config, None, False
+
+
+@dataclass
+class _Claim:
+    """A run folder this process holds: its lock, and the folders it created (removed if the start fails)."""
+
+    folder: Path
+    lock: RunLock
+    created: list[Path] = field(default_factory=list)
+
+    def release(self, failed: bool) -> None:
+        self.lock.release()
+        if failed:
+            for folder in reversed(self.created):
+                if folder == self.folder:
+                    remove_if_unused(folder)
+                else:
+                    try:
+                        folder.rmdir()  # only when empty
+                    except OSError:
+                        break
+
+
+def _missing(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    out = []
+    while not path.exists() and path != path.parent:
+        out.append(path)
+        path = path.parent
+    return out[::-1]
+
+
+def _claim(config: Mapping[str, Any], run_dir: Path | None, resume: bool, overwrite: bool) -> _Claim:
+    """Create (exclusively) or open the run folder and lock it; refuse a fresh run on an existing one."""
+    if run_dir is None:
+        root = Path(config["run"]["root"])
+        created = _missing(root)
+        folder = create_unique_folder(root, config["name"])
+        claim = _Claim(folder, RunLock(folder), created + [folder])
+        claim.lock.acquire()
+        return claim
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} is a file, not a folder")
+    created = _missing(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    claim = _Claim(run_dir, RunLock(run_dir), created)
+    try:
+        claim.lock.acquire()
+        existing = [] if resume else holds_run(run_dir)
+        if existing and not overwrite:
+            raise RunFolderError(f"run folder {run_dir} already holds a run ({', '.join(existing)}): "
+                                 f"--resume {run_dir} continues it, --overwrite deletes it and starts "
+                                 f"afresh; or choose another --run-dir")
+        if existing:
+            print(f"--overwrite: deleting the previous run in {run_dir}", flush=True)
+            clear_run(run_dir)
+    except BaseException:
+        claim.release(failed=True)
+        raise
+    return claim
 
 
 def _broadcast(value: Any, info: Any) -> Any:
@@ -116,8 +218,11 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
 
     if resume and (folder / RESULT_FILE).is_file():
         return RunResult.load(folder / RESULT_FILE) if info.is_main else None
-    resume = resume and (folder / CHECKPOINT_DIR / LATEST).is_file()
+    resume = resume and _has_checkpoint(folder)
     trainer = Trainer(config, folder, resume=resume, info=info)
+    # Before the first step allocates: a crop or batch that cannot fit is refused here.
+    check_step_memory(trainer.model, config, trainer.device, trainer.dtype,
+                      features=getattr(trainer.context, "features", None), warn=trainer.log)
     # Only now that the data and model are known to be valid: a failed start leaves no run folder behind.
     if info.is_main and not resume:
         folder.mkdir(parents=True, exist_ok=True)
@@ -172,23 +277,52 @@ def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> li
     return results
 
 
+# Refused before training: exit 2. Stopped while training: exit 1 (OSError covers disk full, permissions
+# and unreadable images; FloatingPointError a diverged run).
+_USAGE_ERRORS = (ConfigError, CheckpointError, LayoutError, RunFolderError, MemoryBudgetError,
+                 FileNotFoundError, yaml.YAMLError, UnicodeDecodeError)
+_RUN_ERRORS = (FloatingPointError, OSError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 OK, 2 bad configuration or arguments)."""
+    """Run the command line; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
     started = time.perf_counter()
+    claim: _Claim | None = None
+    failed = True
     try:
         config, run_dir, resume = _resolve(args)
         from cpl_fast.train.trainer import init_distributed
 
         info = init_distributed(cuda_requested(config))
-        run_dir = Path(_broadcast(str(run_dir), info))
+        refused = None
+        if info.is_main:
+            try:
+                claim = _claim(config, run_dir, resume, args.overwrite)
+                run_dir = claim.folder
+            except (RunFolderError, OSError) as exc:
+                refused = error_text(exc)
+        where, refused = _broadcast((str(run_dir), refused), info)
+        if refused is not None:
+            raise RunFolderError(refused)
+        run_dir = Path(where)
         if info.is_main:
             print(f"run folder: {run_dir}", flush=True)
         results = run(config, run_dir, resume, info)
-    except (ConfigError, CheckpointError, LayoutError, FileNotFoundError) as exc:
-        print(f"cpl-train: error: {exc}", file=sys.stderr)
+        failed = False
+    except _USAGE_ERRORS as exc:
+        print(f"cpl-train: error: {error_text(exc)}", file=sys.stderr)
         return 2
+    except _RUN_ERRORS as exc:
+        text = error_text(exc)
+        if isinstance(exc, FloatingPointError) and not isinstance(exc, NonFiniteWeightsError):
+            text += ("; the run diverged and stopped, its newest checkpoint holds the last saved finite "
+                     "weights (lower optim.lr, set optim.grad_clip, or check the data)")
+        print(f"cpl-train: error: {text}", file=sys.stderr)
+        return 1
     finally:
+        if claim is not None:
+            claim.release(failed)
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if results:

@@ -114,6 +114,7 @@ DEFAULTS: dict[str, Any] = {
         "balanced": True,          # same number of samples per task in each epoch
         "samples_per_epoch": None,  # None: the training set's size
         "num_workers": 4,
+        "skip_unreadable": False,  # true: a sample whose image cannot be read is skipped (warned, counted)
     },
     "train": {
         "epochs": 150,
@@ -202,8 +203,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml_load(fh.read())
+    try:
+        data = yaml_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at "
+                          f"offset {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}{where}") from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -419,6 +428,8 @@ def validate(config: Mapping[str, Any]) -> None:
     merge(DEFAULTS, config)  # unknown keys anywhere
     _need(isinstance(config["name"], str) and config["name"], "name must be a non-empty string")
     _check_int(config, "seed", 0)
+    _need(config["seed"] < 2 ** 32, f"seed must be an integer in [0, 2**32 - 1] (numpy's range); "
+                                    f"got {config['seed']!r}")
     _need(config["device"] in ("auto", "cpu", "cuda") or str(config["device"]).startswith("cuda:"),
           f"device must be auto, cpu, cuda or cuda:N; got {config['device']!r}")
     _check_choice(config, "precision", PRECISIONS)
@@ -519,6 +530,7 @@ def validate(config: Mapping[str, Any]) -> None:
     _need(isinstance(data["balanced"], bool), "data.balanced must be true or false")
     _check_int(config, "data.samples_per_epoch", 1, optional=True)
     _check_int(config, "data.num_workers", 0)
+    _need(isinstance(data["skip_unreadable"], bool), "data.skip_unreadable must be true or false")
 
     _check_int(config, "train.epochs", 1)
     _check_int(config, "train.iterations", 1, optional=True)

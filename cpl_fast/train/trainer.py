@@ -52,7 +52,7 @@ from cpl_fast.eval.health import prompt_gap_db
 from cpl_fast.eval.loading import model_from_config
 from cpl_fast.losses import CPRLoss, build_features
 from cpl_fast.models import Routing
-from cpl_fast.train.checkpointing import latest_checkpoint, read_checkpoint, save_checkpoint
+from cpl_fast.train.checkpointing import load_newest_checkpoint, save_checkpoint
 from cpl_fast.train.config import ConfigError, model_k_n
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.health import TrainingHealth
@@ -364,7 +364,8 @@ class Trainer:
         self.task_ids = build_task_ids(tasks)
         self.num_tasks = len(set(self.task_ids[t] for t in self.train_source.tasks))
         self.train_set = TrainDataset(self.train_source, patch_size=data["crop"], seed=self.config["seed"],
-                                      task_ids=self.task_ids, augment=data["augment"])
+                                      task_ids=self.task_ids, augment=data["augment"],
+                                      skip_unreadable=data["skip_unreadable"])
         self.sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data["samples_per_epoch"],
                                            seed=self.config["seed"], balanced=data["balanced"],
                                            rank=self.info.rank, world_size=self.info.world_size)
@@ -459,9 +460,9 @@ class Trainer:
         return path
 
     def _resume(self) -> None:
-        folder = latest_checkpoint(self.run_dir)
-        info, state = read_checkpoint(folder, self.model, self.ema.module if self.ema else None,
-                                      map_location="cpu")
+        # The newest checkpoint that reads whole (an older one, with a warning, when it is damaged).
+        folder, info, state = load_newest_checkpoint(self.run_dir, self.model,
+                                                     self.ema.module if self.ema else None, map_location="cpu")
         if info["world_size"] != self.info.world_size:
             raise ConfigError(f"checkpoint {folder} was written by {info['world_size']} process(es); resume "
                               f"it with the same number (this job has {self.info.world_size})")
