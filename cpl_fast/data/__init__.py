@@ -7,6 +7,7 @@ from cpl_fast.data.datasets import (
     EvalDataset,
     FilePairs,
     PairSource,
+    SampleError,
     TaskBalancedSampler,
     TrainDataset,
     augment,
@@ -45,7 +46,8 @@ from cpl_fast.data.layouts import (
 )
 
 __all__ = [
-    "ArrayPairs", "EvalDataset", "FilePairs", "PairSource", "TaskBalancedSampler", "TrainDataset", "augment",
+    "ArrayPairs", "EvalDataset", "FilePairs", "PairSource", "SampleError", "TaskBalancedSampler",
+    "TrainDataset", "augment",
     "build_task_ids", "crop_to_multiple", "sample_seed", "task_family", "worker_init_fn",
     "DEGRADATIONS", "MIO_TASKS", "PARAMETER_RANGES", "PROMPTIR_SIGMAS", "degrade", "make_rng",
     "synthetic_depth",

@@ -1,6 +1,10 @@
 """``cpl-data``: check dataset trees against their layout, write the embedded dataset to disk.
 
-    cpl-data verify --layout promptir3 [--split test] ROOT   # prints the report; exit 1 on problems
+    cpl-data verify --layout promptir3 [--split test] [--quick] ROOT   # the report; exit 1 on problems
+
+``verify`` checks what training will need: the folders and file lists of the layout (every listed file
+exists, no entry leaves ROOT, none is listed twice, lists are UTF-8), inputs paired with targets, and
+(unless ``--quick``) that every image decodes and each input has its target's size.
     cpl-data materialize ROOT [--seed 0]                      # the embedded set as a paired tree
 """
 from __future__ import annotations
@@ -20,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="; ".join(f"{k}: {v.description}" for k, v in LAYOUTS.items()))
     verify.add_argument("--split", default=None,
                         help="split to check for layouts with splits (default: train)")
+    verify.add_argument("--quick", action="store_true",
+                        help="check names and structure only, without decoding the images")
+    verify.add_argument("--no-progress", action="store_true", help="no progress bar while decoding")
     verify.add_argument("root", help="root folder of the dataset")
     mat = sub.add_parser("materialize", help="write the embedded dataset as a paired-layout tree")
     mat.add_argument("root", help="output folder (root/{train,test}/{input,target}/<task>/)")
@@ -32,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "verify":
         try:
-            report = verify_layout(args.layout, args.root, args.split)
+            report = verify_layout(args.layout, args.root, args.split, decode=not args.quick,
+                                   progress=not args.no_progress)
         except ValueError as exc:  # a split the layout does not have
             print(f"cpl-data: error: {exc}", file=sys.stderr)
             return 2

@@ -12,8 +12,10 @@ own copy of the dataset) use the right epoch.
 """
 from __future__ import annotations
 
+import itertools
 import random
 import re
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -22,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from cpl_fast.data.degradations import DEGRADATIONS, make_rng
-from cpl_fast.data.io import hwc_to_tensor, read_image_array
+from cpl_fast.data.io import ImageReadError, hwc_to_tensor, read_image_array
 from cpl_fast.data.layouts import Sample, load_layout
 
 Key = int | tuple[int, int]
@@ -32,6 +34,11 @@ TASK_FAMILY_ORDER = ("denoise", "derain", "dehaze", "deblur", "enhance")
 
 
 # ------------------------------------------------------------------------------------ pair sources
+
+class SampleError(ImageReadError, ValueError):
+    """A sample cannot be used: an image that does not decode or is missing, or an input whose size
+    differs from its target's. The message names the files (``cpl-data verify`` finds these up front)."""
+
 
 class PairSource(Protocol):
     """What the datasets read from: per item a task, a name, a test subset and an (input, target) pair."""
@@ -71,13 +78,16 @@ class FilePairs:
 
     def load(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         s = self.samples[index]
-        target = read_image_array(s.target)
-        if s.input is None:
+        try:
+            target = read_image_array(s.target)
+            inp = None if s.input is None else read_image_array(s.input)
+        except (ImageReadError, FileNotFoundError) as exc:
+            raise SampleError(str(exc)) from exc
+        if inp is None:
             return DEGRADATIONS[s.degradation](target, rng, **dict(s.params)), target
-        inp = read_image_array(s.input)
         if inp.shape != target.shape:
-            raise ValueError(f"input {s.input} is {inp.shape[1]}x{inp.shape[0]} but its target {s.target} "
-                             f"is {target.shape[1]}x{target.shape[0]}")
+            raise SampleError(f"input {s.input} is {inp.shape[1]}x{inp.shape[0]} but its target {s.target} "
+                              f"is {target.shape[1]}x{target.shape[0]}")
         return inp, target
 
 
@@ -167,11 +177,16 @@ class TrainDataset(Dataset):
     ``"name"``. Images smaller than the patch are reflect-padded (``pad_small=True``) or refused with
     a ValueError naming the item. Index with an int (uses :meth:`set_epoch`'s epoch) or with the
     sampler's ``(epoch, index)`` keys.
+
+    A sample that cannot be used (:class:`SampleError`: an image that does not decode, a missing file,
+    sizes that differ) raises naming its files; with ``skip_unreadable`` it is skipped instead: a warning
+    names it, ``skipped`` counts it (in this process), and the next usable sample of the same task is
+    served in its place (chosen from the index alone, so the stream stays reproducible).
     """
 
     def __init__(self, source: PairSource, patch_size: int = 128, seed: int = 0,
                  task_ids: Mapping[str, int] | None = None, augment: bool = True,
-                 pad_small: bool = True) -> None:
+                 pad_small: bool = True, skip_unreadable: bool = False) -> None:
         if patch_size < 1:
             raise ValueError(f"patch_size must be positive, got {patch_size}")
         if seed < 0:
@@ -183,6 +198,9 @@ class TrainDataset(Dataset):
         self.labels = [self.task_ids[t] for t in source.tasks]
         self.augment = augment
         self.pad_small = pad_small
+        self.skip_unreadable = skip_unreadable
+        self.skipped = 0
+        self._bad: set[int] = set()
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -203,10 +221,37 @@ class TrainDataset(Dataset):
         pad = ((0, max(p - h, 0)), (0, max(p - w, 0)), (0, 0))
         return np.pad(arr, pad, mode="reflect" if min(h, w) > 1 else "edge")
 
+    def _load(self, epoch: int, index: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """``(index served, input, target)``: ``index``'s pair, or with ``skip_unreadable`` the next usable
+        one of the same task."""
+        label, n = self.labels[index], len(self)
+        others = (j % n for j in range(index + 1, index + n) if self.labels[j % n] == label)
+        first: SampleError | None = None
+        for candidate in itertools.chain([index], others if self.skip_unreadable else []):
+            if candidate in self._bad:
+                continue
+            try:
+                # Separate streams: the crop does not depend on how many numbers the degradation drew.
+                rng = make_rng(sample_seed(self.seed, epoch, candidate) + (0,))
+                inp, tgt = self.source.load(candidate, rng)
+                return candidate, inp, tgt
+            except SampleError as exc:
+                if not self.skip_unreadable:
+                    raise SampleError(f"training sample {index} ({self.source.names[index]}) cannot be used: "
+                                      f"{exc} (cpl-data verify checks every image before training; "
+                                      f"data.skip_unreadable=true skips such samples)") from exc
+                first = first or exc
+                self._bad.add(candidate)
+                self.skipped += 1
+                warnings.warn(f"skipped unusable training sample {candidate} "
+                              f"({self.source.names[candidate]}): {exc}; {self.skipped} skipped so far",
+                              UserWarning, stacklevel=3)
+        raise SampleError(f"no usable training sample of task {self.source.tasks[index]!r} is left "
+                          f"(the first problem: {first})")
+
     def __getitem__(self, key: Key) -> dict[str, Any]:
         epoch, index = _split_key(key, self.epoch, len(self))
-        # Separate streams: the crop does not depend on how many numbers the degradation drew.
-        inp, tgt = self.source.load(index, make_rng(sample_seed(self.seed, epoch, index) + (0,)))
+        index, inp, tgt = self._load(epoch, index)
         inp, tgt = self._pad(inp, index), self._pad(tgt, index)
         rng = make_rng(sample_seed(self.seed, epoch, index) + (1,))
         p = self.patch_size

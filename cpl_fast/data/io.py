@@ -146,3 +146,19 @@ def write_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None
     buf = io.BytesIO()
     Image.fromarray(to_uint8(image)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for a command line's error message.
+
+    ``OSError``: what failed and on which path (``No space left on device: runs/x/...``); an error re-raised
+    from a DataLoader worker: the original error's last line rather than the worker's traceback.
+    """
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 is not None else "")
+        return f"{exc.strerror}: {where}"
+    text = str(exc)
+    if "Original Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[-1].split(": ", 1)[-1] if lines else text
+    return text or type(exc).__name__

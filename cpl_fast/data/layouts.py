@@ -13,6 +13,7 @@ Layouts (see ``LAYOUTS``): ``promptir3``, ``promptir5``, ``allweather``, ``cdd11
 """
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -128,8 +129,43 @@ class _Scan:
         return sorted(p for p in pattern if p.is_file() and is_image_file(p))
 
     def read_list(self, path: Path) -> list[str]:
-        with open(path, encoding="utf-8") as fh:
-            return [line.strip() for line in fh if line.strip()]
+        """The non-empty lines of a file list; a list that is not UTF-8 text, and lines listed twice, are
+        problems naming the list."""
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.problem(f"file list {self.rel(path)} is not UTF-8 text "
+                         f"(byte 0x{exc.object[exc.start]:02x} at offset {exc.start})")
+            return []
+        except OSError as exc:
+            self.problem(f"file list {self.rel(path)} cannot be read ({exc.strerror or exc})")
+            return []
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        twice = [line for line, n in Counter(lines).items() if n > 1]
+        if twice:
+            shown = ", ".join(twice[:5]) + (f", ... ({len(twice) - 5} more)" if len(twice) > 5 else "")
+            entries = "entry" if len(twice) == 1 else "entries"
+            self.problem(f"file list {self.rel(path)} lists {len(twice)} {entries} more than once: {shown}")
+            lines = list(dict.fromkeys(lines))
+        return lines
+
+    def inside(self, listfile: Path, folder: Path, line: str) -> Path | None:
+        """``folder / line`` when it stays inside the dataset root; a problem naming the list otherwise.
+
+        The test is on the path as written (``..``, absolute paths), not on where symbolic links in the
+        tree lead, so a tree whose folders are links to another disk stays usable."""
+        path = Path(os.path.normpath(folder / line))
+        try:
+            path.relative_to(os.path.normpath(self.root))
+        except ValueError:
+            self.problem(f"{self.rel(listfile)}: entry {line!r} points outside the dataset root {self.root}")
+            return None
+        return path
+
+    def listed(self, listfile: Path, folder: Path) -> list[Path]:
+        """The entries of a file list as paths under ``folder`` (those that leave the root are problems)."""
+        paths = (self.inside(listfile, folder, line) for line in self.read_list(listfile))
+        return [p for p in paths if p is not None]
 
     def pair(self, input_dir: Path, target_dir: Path, task: str, subset: str = "", by: str = "stem") -> None:
         """Pair every input with the target of the same file name (``by="name"``) or stem (``"stem"``)."""
@@ -214,7 +250,7 @@ def _promptir_train_derain(scan: _Scan, train: Path, lists: Path | None) -> None
         if not listfile.is_file():
             scan.problem(f"missing file list {scan.rel(listfile)}")
             return
-        rainy = _existing(scan, [folder / line for line in scan.read_list(listfile)], "listed rainy image")
+        rainy = _existing(scan, scan.listed(listfile, folder), "listed rainy image")
     else:
         rainy = scan.images(folder / "rainy")
     matched: set[Path] = set()
@@ -243,7 +279,7 @@ def _promptir_train_dehaze(scan: _Scan, train: Path, lists: Path | None) -> None
         if not listfile.is_file():
             scan.problem(f"missing file list {scan.rel(listfile)}")
             return
-        hazy = _existing(scan, [folder / line for line in scan.read_list(listfile)], "listed hazy image")
+        hazy = _existing(scan, scan.listed(listfile, folder), "listed hazy image")
     else:
         hazy = scan.images(folder / "synthetic", recursive=True)
     for h in hazy:
@@ -359,6 +395,8 @@ def _read_allweather(scan: _Scan, split: str | None) -> None:
     for listfile in lists:
         for line in scan.read_list(listfile):
             rel = Path(line[2:] if line.startswith("./") else line)
+            if scan.inside(listfile, base, str(rel)) is None:
+                continue
             if "input" not in rel.parts:
                 scan.problem(f"{scan.rel(listfile)}: line {line!r} has no input/ folder")
                 continue
@@ -491,9 +529,56 @@ def scan_layout(layout: str, root: str | Path, split: str | None = None) -> tupl
     return scan.samples, report
 
 
-def verify_layout(layout: str, root: str | Path, split: str | None = None) -> Report:
-    """Validate a tree against ``layout`` and return the report (``.ok``, ``.counts``, ``.problems``)."""
-    return scan_layout(layout, root, split)[1]
+def check_images(samples: Iterable[Sample], report: Report, progress: bool = False) -> None:
+    """Decode every file the samples name, once each: a file that does not decode, and an input whose
+    size differs from its target's, are problems of ``report`` (what training would otherwise meet at
+    some step). ``progress``: a bar on stderr."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    samples = list(samples)
+    files = list(dict.fromkeys(p for s in samples for p in (s.input, s.target) if p is not None))
+    sizes: dict[Path, tuple[int, int] | None] = {}
+    root = report.root
+    for path in tqdm(files, desc="decoding images", unit="image", disable=not progress or not files):
+        try:
+            with Image.open(path) as img:
+                img.load()
+                sizes[path] = img.size
+        except Exception as exc:  # noqa: BLE001 - Pillow fails in many ways on damaged files
+            sizes[path] = None
+            report.problems.append(f"image {_relative(path, root)} cannot be decoded ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})")
+    for s in samples:
+        size, target_size = sizes.get(s.input) if s.input is not None else None, sizes.get(s.target)
+        if size and target_size and size != target_size:
+            (w, h), (tw, th) = size, target_size
+            report.problems.append(f"input {_relative(s.input, root)} is {w}x{h} but its target "
+                                   f"{_relative(s.target, root)} is {tw}x{th}")
+    report.notes.append(f"{len(files)} image file(s) decoded")
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def verify_layout(layout: str, root: str | Path, split: str | None = None, decode: bool = True,
+                  progress: bool = False) -> Report:
+    """Validate a tree against ``layout`` and return the report (``.ok``, ``.counts``, ``.problems``).
+
+    Checks the structure (folders, pairs, names, file lists: entries that exist, stay inside the root,
+    appear once, lists in UTF-8) and, with ``decode`` (the default), decodes every image and compares
+    input and target sizes (``decode=False``: the structure only, much faster on large sets).
+    """
+    samples, report = scan_layout(layout, root, split)
+    if decode:
+        check_images(samples, report, progress=progress)
+    else:
+        report.notes.append("images not decoded (quick check: names and structure only)")
+    return report
 
 
 def load_layout(layout: str, root: str | Path, split: str | None = None) -> list[Sample]:

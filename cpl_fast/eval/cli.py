@@ -7,13 +7,18 @@
 
 The data and model come from a training preset or config (``--preset``, ``--config``, ``--set``,
 ``--data``, as for ``cpl-train``) or from the run folder a checkpoint belongs to. Exit status: 0 OK,
-1 some inputs failed (``cpl-restore``), 2 bad arguments, data or checkpoint.
+1 some inputs failed (``cpl-restore``: unreadable, or their output could not be written; the others
+are restored), 2 bad arguments, data, checkpoint or output path (checked before the work starts where
+possible) or a file that could not be read or written during it, 3 the scores were computed and printed
+but an output file could not be written (``cpl-eval --json/--markdown``, ``cpl-analyze``'s
+``summary.json``: disk full, no permission). Every error is one ``error:`` line naming the problem.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +50,16 @@ def _tile(text: str) -> int | str | None:
     return value
 
 
+def _overlap(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tile-overlap must be an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--tile-overlap must be >= 0, got {value}")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
     parser.add_argument("--ckpt", action="append" if several else None, required=True, metavar="PATH",
                         help="a cpl-train run folder, a checkpoint folder or a weights file (PromptIR "
@@ -58,7 +73,7 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
                              "--set data.test_split=x")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     parser.add_argument("--tile", type=_tile, default="auto", help=TILE_HELP)
-    parser.add_argument("--tile-overlap", type=int, default=DEFAULT_OVERLAP, metavar="PX",
+    parser.add_argument("--tile-overlap", type=_overlap, default=DEFAULT_OVERLAP, metavar="PX",
                         help=f"overlap of neighbouring tiles in pixels (default {DEFAULT_OVERLAP})")
     parser.add_argument("--amp", choices=AMP_MODES, default="auto",
                         help="autocast on CUDA: auto (bf16 where supported, else fp16), none, bf16, fp16; "
@@ -75,6 +90,12 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, metavar="N", help="score only the first N test images")
     parser.add_argument("--name", action="append", default=[], metavar="NAME",
                         help="a name per --ckpt for the tables (default: the run folder's or file's name)")
+
+
+def _text(exc: BaseException) -> str:
+    from cpl_fast.data.io import error_text
+
+    return error_text(exc)
 
 
 def _device(name: str) -> torch.device:
@@ -187,12 +208,42 @@ def _entropy_line(task: str, levels: Sequence[dict[str, Any]]) -> str:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
+    import yaml
+
     from cpl_fast.data import ImageReadError, LayoutError
     from cpl_fast.train.checkpointing import CheckpointError
     from cpl_fast.train.config import ConfigError
 
     return (UsageError, ConfigError, CheckpointError, LayoutError, ImageReadError, FileNotFoundError,
-            ValueError, MemoryError)
+            ValueError, MemoryError, yaml.YAMLError, OSError)
+
+
+def _check_output_file(path: str | None, option: str) -> None:
+    """Before the work: ``option``'s file must not be a folder, and its folder must be creatable."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{option} {path} is a folder; give a file name")
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{option} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path}: folder {parent} is not writable")
+
+
+def _write_output(path: str, data: bytes, prog: str) -> int:
+    """Write an output file after the work: 0, or 3 with one error line."""
+    from cpl_fast.data.io import atomic_write_bytes, error_text
+
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        print(f"{prog}: error: cannot write {path}: {error_text(exc)}", file=sys.stderr)
+        return 3
+    return 0
 
 
 # -------------------------------------------------------------------------------------- cpl-eval
@@ -262,6 +313,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_images is not None and args.max_images < 1:
             raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
+        _check_output_file(args.json, "--json")
+        _check_output_file(args.markdown, "--markdown")
         device = _device(args.device)
         names = _names(args)
         results: dict[str, dict[str, Any]] = {}
@@ -287,7 +340,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             results[name] = {"checkpoint": str(loaded.weights), "model": loaded.model_config,
                              "layout": loaded.report.layout, "seconds": seconds, "scores": scores}
     except _errors() as exc:
-        print(f"cpl-eval: error: {exc}", file=sys.stderr)
+        print(f"cpl-eval: error: {_text(exc)}", file=sys.stderr)
         return 2
     assert protocol is not None
     if args.input_baseline:
@@ -298,19 +351,17 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                                               "seconds": 0.0, "scores": baseline}, **results}
     if len(results) > 1:
         print(comparison_table(results, protocol.label))
+    status = 0
     if args.json:
-        from cpl_fast.data.io import atomic_write_bytes
-
         payload = {"protocol": protocol.name, "protocol_description": protocol.description, "runs": results}
-        atomic_write_bytes(args.json, json.dumps(payload, indent=1).encode("utf-8"))
+        data = json.dumps(payload, indent=1).encode("utf-8")
+        status = max(status, _write_output(args.json, data, "cpl-eval"))
     if args.markdown:
-        from cpl_fast.data.io import atomic_write_bytes
-
         text = [f"Protocol: {protocol.description}", "", comparison_table(results, protocol.label), "",
                 "Selection entropy / mean softmax entropy (bits) per prompt level:", "",
                 entropy_markdown(results), ""]
-        atomic_write_bytes(args.markdown, "\n".join(text).encode("utf-8"))
-    return 0
+        status = max(status, _write_output(args.markdown, "\n".join(text).encode("utf-8"), "cpl-eval"))
+    return status
 
 
 # ----------------------------------------------------------------------------------- cpl-restore
@@ -331,11 +382,12 @@ def _restore_parser() -> argparse.ArgumentParser:
 
 def restore_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-restore``; returns the exit status (1 when some inputs failed)."""
-    from cpl_fast.eval.restore import check_output_dir, restore_files
+    from cpl_fast.eval.restore import check_output_dir, collect_inputs, restore_files
 
     args = _restore_parser().parse_args(argv)
     try:
         out_dir = check_output_dir(args.output)
+        collect_inputs(args.images)  # colliding output names are refused before the model loads
         device = _device(args.device)
         loaded, _ = _load(args, args.ckpt, device, need_data=False)
         for note in loaded.notes:
@@ -345,7 +397,7 @@ def restore_main(argv: Sequence[str] | None = None) -> int:
                                 overlap=args.tile_overlap, amp=args.amp,
                                 log=lambda text: print(text, file=sys.stderr))
     except _errors() as exc:
-        print(f"cpl-restore: error: {exc}", file=sys.stderr)
+        print(f"cpl-restore: error: {_text(exc)}", file=sys.stderr)
         return 2
     lines = summary.lines()
     print(lines[0])
@@ -376,7 +428,6 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-analyze``; returns the exit status."""
-    from cpl_fast.data.io import atomic_write_bytes
     from cpl_fast.eval.analysis import analyze
 
     args = _analyze_parser().parse_args(argv)
@@ -384,9 +435,9 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_images is not None and args.max_images < 1:
             raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
-        out_root = Path(args.output)
-        if out_root.exists() and not out_root.is_dir():
-            raise UsageError(f"output path {out_root} is a file, not a folder")
+        from cpl_fast.eval.restore import check_output_dir
+
+        out_root = check_output_dir(args.output)
         device = _device(args.device)
         for name, ckpt in zip(_names(args), args.ckpt, strict=True):
             loaded, config = _load(args, ckpt, device, need_data=True)
@@ -406,12 +457,16 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
             info = "  ".join(f"L{i}: {lv['task_expert_information']:.2f}"
                              for i, lv in enumerate(result["task_information"]))
             print(f"   task-expert mutual information, bits: {info}")
+            if "prompt_gap" in result:
+                gap = result["prompt_gap"]["all"]
+                print(f"   prompt gap: {gap['psnr_positive']:.2f} dB with its own prompts, "
+                      f"{gap['psnr_negative']:.2f} dB with other experts ({gap['gap_db']:.2f} dB)")
             print(f"   figures: {', '.join(str(out_root / name / f) for f in result['figures'])}")
     except _errors() as exc:
-        print(f"cpl-analyze: error: {exc}", file=sys.stderr)
+        print(f"cpl-analyze: error: {_text(exc)}", file=sys.stderr)
         return 2
-    atomic_write_bytes(out_root / "summary.json", json.dumps(summary, indent=1).encode("utf-8"))
-    return 0
+    return _write_output(str(out_root / "summary.json"), json.dumps(summary, indent=1).encode("utf-8"),
+                         "cpl-analyze")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -171,15 +171,18 @@ def _run(model: nn.Module, x: torch.Tensor, amp: str,
 
 
 def _forward_tiled(model: nn.Module, x: torch.Tensor, tile: int, overlap: int, multiple: int, amp: str,
-                   progress: bool) -> tuple[torch.Tensor, list[Routing], int]:
+                   progress: bool, log: Callable[[str], None] | None = None,
+                   why: str = "") -> tuple[torch.Tensor, list[Routing], int]:
     from tqdm.auto import tqdm
 
     h, w = x.shape[-2:]
     boxes = list(_tiles(h, w, tile, overlap, multiple))
+    if log is not None and len(boxes) > 1:
+        log(f"{w}x{h} restored in {len(boxes)} tiles of {tile}x{tile} (overlap {overlap}){why}")
     out: torch.Tensor | None = None
     total: torch.Tensor | None = None
     routings = []
-    for y, x0, th, tw in tqdm(boxes, desc="tiles", leave=False, disable=not progress or len(boxes) < 4):
+    for y, x0, th, tw in tqdm(boxes, desc="tiles", leave=False, disable=not progress or len(boxes) < 2):
         piece, used = _run(model, x[..., y:y + th, x0:x0 + tw], amp, None)
         if out is None or total is None:
             out = piece.new_zeros(x.shape[0], piece.shape[1], h, w)
@@ -204,13 +207,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
 @torch.no_grad()
 def restore_image(model: nn.Module, image: torch.Tensor, tile: int | str | None = None,
                   overlap: int = DEFAULT_OVERLAP, amp: str = "auto", multiple: int | None = None,
-                  routing: list[Routing] | None = None, progress: bool = False) -> Restoration:
+                  routing: list[Routing] | None = None, progress: bool = False,
+                  log: Callable[[str], None] | None = None) -> Restoration:
     """Restore one image ``(C, H, W)`` or ``(1, C, H, W)`` of any size with ``model`` (in its mode).
 
     ``tile``: None (whole image), an int (tiles of that size) or ``"auto"`` (whole image, tiles on an
     out-of-memory error). ``routing`` forces the prompt of every level (untiled only). The input is
     moved to the model's device and dtype; the result is on that device, in the model's dtype
-    (float32 under AMP).
+    (float32 under AMP). ``progress``: a bar over the tiles; ``log``: told when the image is tiled
+    (size, number of tiles, and why when it was memory).
     """
     multiple = model_multiple(model) if multiple is None else multiple
     if image.dim() == 3:
@@ -228,6 +233,7 @@ def restore_image(model: nn.Module, image: torch.Tensor, tile: int | str | None 
         raise ValueError(f"tile must be None, 'auto' or a positive integer, got {tile!r}")
     if routing is not None and tile is not None and tile != "auto":
         raise ValueError("a forced routing applies to the whole image; it cannot be combined with tiles")
+    why = ""
     if not isinstance(tile, int):
         try:
             out, used = _run(model, padded, amp, routing)
@@ -235,6 +241,7 @@ def restore_image(model: nn.Module, image: torch.Tensor, tile: int | str | None 
         except Exception as exc:  # noqa: BLE001 - only memory errors are retried, the rest re-raised
             if tile != "auto" or routing is not None or not is_out_of_memory(exc):
                 raise
+        why = ": the whole image did not fit in memory"
         tile = AUTO_TILE
         while tile >= max(padded.shape[-2:]) and tile // 2 >= multiple:
             tile = tile // 2 // multiple * multiple  # a tile as big as the image would fail the same way
@@ -245,7 +252,7 @@ def restore_image(model: nn.Module, image: torch.Tensor, tile: int | str | None 
             raise MemoryError(f"out of memory even with {tile}x{tile} tiles ({exc}); use a smaller "
                               f"--tile-overlap, the CPU, or a machine with more memory") from exc
         try:
-            out, used, count = _forward_tiled(model, padded, tile, overlap, multiple, amp, progress)
+            out, used, count = _forward_tiled(model, padded, tile, overlap, multiple, amp, progress, log, why)
             return Restoration(out[..., :h, :w], used, tile, count)
         except Exception as exc:  # noqa: BLE001
             if not is_out_of_memory(exc):
@@ -255,6 +262,7 @@ def restore_image(model: nn.Module, image: torch.Tensor, tile: int | str | None 
             smaller = max(multiple, tile // 2 // multiple * multiple)
             if smaller == tile:
                 raise MemoryError(f"out of memory even with {tile}x{tile} tiles") from exc
+            why = f": {tile}x{tile} tiles did not fit in memory"
             tile = smaller
 
 

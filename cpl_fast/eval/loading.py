@@ -2,7 +2,9 @@
 
 ``--ckpt`` may be
 
-* a run folder of ``cpl-train`` (its ``config.yaml`` says which model; the newest checkpoint is used);
+* a run folder of ``cpl-train`` (its ``config.yaml`` says which model; the newest complete checkpoint is
+  used: the one ``latest`` names, or with a warning the newest one that is whole when that one is
+  missing or damaged);
 * a checkpoint folder ``RUN/checkpoints/step_N`` (``ema.safetensors`` preferred when present, as the
   trainer evaluates the EMA weights when EMA is on; the run's ``config.yaml`` is read when found);
 * a weights file in any format ``cpl_fast.models.load_checkpoint`` reads: PromptIR's Lightning
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from cpl_fast.models import LoadReport, build_model, load_checkpoint
+from cpl_fast.models.checkpoint import KeyMismatchError
 
 RUN_CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -113,12 +116,8 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
 
     weights, run_config = resolve_weights(ckpt)
     notes = []
-    if weights.suffix == ".safetensors":
-        raw: Any = str(weights)
-        layout = "other"
-    else:
-        raw = read_checkpoint_file(weights)  # ValueError naming the file when it is not a readable checkpoint
-        layout = _layout(raw)
+    raw: Any = read_checkpoint_file(weights)  # ValueError naming the file when it is not a checkpoint
+    layout = "other" if weights.suffix == ".safetensors" else _layout(raw)
     if model_config is not None:
         config = copy.deepcopy(dict(model_config))
     elif run_config is not None:
@@ -131,11 +130,13 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
     model = model_from_config(config)
     try:
         report = load_checkpoint(model, raw, strict=strict)
-    except ValueError as exc:
+    except KeyMismatchError as exc:  # the weights are fine; the model built for them may not be
         text = str(exc).replace("<state dict>", str(weights))
-        raise ValueError(f"{text}\n(the model was built as preset {config['preset']!r}, k={config.get('k')}; "
-                         f"is that the checkpoint's architecture? --model / --set model.k=... choose "
-                         f"another)") from exc
+        raise KeyMismatchError(f"{text}\n(the model was built as preset {config['preset']!r}, "
+                               f"k={config.get('k')}; is that the checkpoint's architecture? --model / "
+                               f"--set model.k=... choose another)") from exc
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("<state dict>", str(weights))) from exc
     report.source = str(weights)
     model.to(device).eval()
     return LoadedModel(model, weights, report, config, run_config, notes)

@@ -2,12 +2,17 @@
 
 Inputs are files or folders (searched recursively for image files); each output is an 8-bit PNG
 at the input's path relative to the folder it was found in (``photo.jpg`` -> ``DIR/photo.png``),
-written atomically. Existing outputs are kept unless ``force``; a file that cannot be read (missing,
-corrupt, not an image) is reported and skipped, never fatal. Greyscale inputs are restored as RGB,
-alpha channels dropped with a warning (``cpl_fast.data.io.read_image``).
+written atomically. Every output name is unique: inputs that would write the same output
+(``dirA/a.png`` and ``dirB/a.png``, ``x.png`` and ``x.PNG``; names are compared case-insensitively,
+as some file systems do) are refused up front, listed, before anything is restored. Existing outputs
+are kept unless ``force``; a file that cannot be read (missing, corrupt, not an image) or whose output
+cannot be written (no permission, disk full) is reported and skipped, never fatal for the others.
+Greyscale inputs are restored as RGB, alpha channels dropped with a warning
+(``cpl_fast.data.io.read_image``).
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +20,7 @@ from pathlib import Path
 
 from torch import nn
 
-from cpl_fast.data.io import ImageReadError, is_image_file, read_image, write_png
+from cpl_fast.data.io import ImageReadError, error_text, is_image_file, read_image, write_png
 from cpl_fast.eval.inference import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
 
 
@@ -39,20 +44,30 @@ def collect_inputs(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]]
     """``([(input, output name relative to DIR)], [(path, problem)])`` for files and folders.
 
     A folder contributes its image files (recursively, hidden ones left out) under their relative
-    paths; a file its own name. Two inputs that would write the same output (``a.jpg`` and
-    ``a.png``) keep their extensions in the name (``a_jpg.png``, ``a_png.png``).
+    paths; a file its own name. Two inputs whose outputs differ only by their extensions (``a.jpg``
+    and ``a.png``) keep the extensions in the name (``a_jpg.png``, ``a_png.png``). The same file given
+    twice counts once. :class:`OutputCollision` when two inputs would still write one output.
     """
     found: list[tuple[Path, Path]] = []
     problems: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+
+    def add(src: Path, rel: Path) -> None:
+        key = src.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.append((src, rel))
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
             images = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p))
             if not images:
                 problems.append((path, "folder holds no image files"))
-            found += [(p, p.relative_to(path)) for p in images]
+            for p in images:
+                add(p, p.relative_to(path))
         elif path.is_file():
-            found.append((path, Path(path.name)))
+            add(path, Path(path.name))
         else:
             problems.append((path, "no such file or folder"))
     names: dict[Path, int] = {}
@@ -65,14 +80,38 @@ def collect_inputs(paths: Iterable[str | Path]) -> tuple[list[tuple[Path, Path]]
         if names[name] > 1:
             name = rel.with_name(f"{rel.stem}_{rel.suffix.lstrip('.').lower() or 'noext'}.png")
         out.append((src, name))
+    by_output: dict[str, list[tuple[Path, Path]]] = {}
+    for src, name in out:
+        by_output.setdefault(name.as_posix().casefold(), []).append((src, name))
+    clashes = [group for group in by_output.values() if len(group) > 1]
+    if clashes:
+        lines = [f"  {group[0][1].as_posix()} <- " + ", ".join(str(src) for src, _ in group)
+                 for group in clashes]
+        raise OutputCollision(f"{len(clashes)} output name(s) would be written by more than one input (names "
+                              f"are compared ignoring case); restore these into separate output folders or "
+                              f"rename them:\n" + "\n".join(lines))
     return out, problems
 
 
+class OutputCollision(ValueError):
+    """Two or more inputs would write the same output file; the message lists them."""
+
+
 def check_output_dir(out_dir: str | Path) -> Path:
-    """The output folder; ValueError when the path is an existing file (created later when missing)."""
+    """The output folder, checked without creating it: ValueError when it (or the nearest existing folder
+    above it) is a file or not writable."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"output path {out_dir} is a file, not a folder")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"output folder {out_dir} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        if existing == out_dir:
+            raise ValueError(f"output folder {out_dir} is not writable")
+        raise ValueError(f"output folder {out_dir} cannot be created: folder {existing} is not writable")
     return out_dir
 
 
@@ -111,7 +150,20 @@ def restore_files(model: nn.Module, inputs: Sequence[str | Path], out_dir: str |
         except (ImageReadError, FileNotFoundError, OSError) as exc:
             summary.failed.append((src, str(exc)))
             continue
-        result = restore_image(model, image, tile=tile, overlap=overlap, amp=amp)
-        write_png(target, result.image[0].cpu())
+        announce = None
+        if log is not None:
+            def announce(text: str, src: Path = src) -> None:
+                log(f"{src}: {text}")
+        try:
+            result = restore_image(model, image, tile=tile, overlap=overlap, amp=amp, progress=progress,
+                                   log=announce)
+        except MemoryError as exc:
+            summary.failed.append((src, str(exc)))
+            continue
+        try:
+            write_png(target, result.image[0].cpu())
+        except OSError as exc:  # no permission, disk full, a file where a folder should be
+            summary.failed.append((src, f"cannot write {target}: {error_text(exc)}"))
+            continue
         summary.written.append(target)
     return summary

@@ -3,7 +3,8 @@
     cpl-export onnx --ckpt C -o model.onnx [--height H --width W | --dynamic] [--opset 18] [--routing]
     cpl-export trt --onnx model.onnx -o model.engine [--fp16 | --bf16] [--min S --opt S --max S]
 
-See docs/EXPORT.md.
+See docs/EXPORT.md. Exit status: 0 OK, 2 an error (one ``error:`` line naming it; arguments, the
+opset and the output path are checked before the checkpoint is loaded).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from cpl_fast.export._deps import MissingDependency
-from cpl_fast.export.onnx_export import DEFAULT_OPSET
+from cpl_fast.export.onnx_export import DEFAULT_OPSET, check_opset, check_output_file
 from cpl_fast.export.trt import MODULES, OnnxParseError, Profile
 
 
@@ -25,6 +26,26 @@ def _shape(text: str) -> tuple[int, ...]:
     if len(shape) != 4:
         raise argparse.ArgumentTypeError(f"expected 4 dimensions B,C,H,W, got {text!r}")
     return shape
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 5:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 5, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,9 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                          help=f"{name} input shape of the optimisation profile (dynamic inputs)")
     trt.add_argument("--module", choices=("auto", *MODULES), default="auto",
                      help="TensorRT Python module (auto: tensorrt, else tensorrt_rtx)")
-    trt.add_argument("--optimization-level", type=int, metavar="0-5",
+    trt.add_argument("--optimization-level", type=_level, metavar="0-5",
                      help="builder optimisation level (TensorRT's default: 3)")
-    trt.add_argument("--workspace-mib", type=int, metavar="MIB", help="builder workspace limit")
+    trt.add_argument("--workspace-mib", type=_positive, metavar="MIB", help="builder workspace limit (MiB)")
     return parser
 
 
@@ -71,6 +92,8 @@ def _export_onnx(args: argparse.Namespace) -> None:
     if args.height is not None and args.width is None:
         raise ValueError("--height needs --width")
     size = None if args.dynamic else (args.height, args.width)
+    check_opset(args.opset)  # before the checkpoint is loaded and the graph traced
+    check_output_file(args.output, "-o")
     config = None if args.model is None else {"preset": args.model, "k": None, "n": None, "overrides": {}}
     loaded = load_model(args.ckpt, config)
     for note in loaded.notes:
@@ -90,6 +113,7 @@ def _build_trt(args: argparse.Namespace) -> None:
     if any(s is not None for s in given) and not all(s is not None for s in given):
         raise ValueError("give all three of --min, --opt and --max, or none")
     profile = Profile(args.min, args.opt, args.max) if args.min is not None else None
+    check_output_file(args.output, "-o")
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     build = build_engine(args.onnx, args.output, precision=precision, profile=profile, module=args.module,
                          optimization_level=args.optimization_level, workspace_mib=args.workspace_mib)
@@ -109,8 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _export_onnx(args)
         else:
             _build_trt(args)
-    except (ValueError, TypeError, FileNotFoundError, MissingDependency, OnnxParseError, RuntimeError) as err:
-        print(f"cpl-export {args.command}: error: {err}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, MissingDependency, OnnxParseError, RuntimeError) as err:
+        from cpl_fast.data.io import error_text
+
+        print(f"cpl-export {args.command}: error: {error_text(err)}", file=sys.stderr)
         return 2
     return 0
 

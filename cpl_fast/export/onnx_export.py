@@ -48,6 +48,48 @@ class ExportReport:
     op_types: dict[str, int]
 
 
+def max_opset() -> int | None:
+    """The newest opset both torch.onnx's exporter and the installed onnx implement (None: unknown)."""
+    limits = []
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+        limits.append(int(ONNX_MAX_OPSET))
+    except (ImportError, AttributeError, TypeError, ValueError):
+        pass
+    try:
+        import onnx
+        limits.append(int(onnx.defs.onnx_opset_version()))
+    except (ImportError, AttributeError):
+        pass
+    return min(limits) if limits else None
+
+
+def check_opset(opset: object) -> int:
+    """``opset`` when this exporter can write it; ValueError naming the supported range otherwise."""
+    top = max_opset()
+    if not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET \
+            or (top is not None and opset > top):
+        supported = f"{MIN_OPSET} to {top}" if top is not None else f"{MIN_OPSET} or later"
+        raise ValueError(f"opset {opset!r} is not supported: this exporter writes opsets {supported} "
+                         f"(LayerNormalization needs 17, so nothing is lost at {MIN_OPSET})")
+    return opset
+
+
+def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` when a file can be written there: ValueError when it is a folder or lies under a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: folder {parent} is not writable")
+    return path
+
+
 def _scatter_add_one_hot(self: torch.Tensor, dim: int, index: torch.Tensor,
                          src: torch.Tensor) -> torch.Tensor:
     """``self.scatter_add(dim, index, src)`` for ``(B, n)`` tensors along ``dim = 1``, as compare-and-sum.
@@ -74,9 +116,8 @@ def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int,
     """
     onnx = require("onnx", "export")
     require("onnxscript", "export")
-    if not isinstance(opset, int) or opset < MIN_OPSET:
-        raise ValueError(f"opset {opset!r} is not supported: torch.onnx's exporter writes opset {MIN_OPSET} "
-                         f"or later (LayerNormalization needs 17, so nothing is lost)")
+    check_opset(opset)
+    check_output_file(path)
     if not isinstance(model, SparsePromptIR):
         raise TypeError(f"export_onnx: expected a SparsePromptIR, got {type(model).__name__}")
     multiple = model.size_multiple
