@@ -26,7 +26,7 @@ from cpl_fast.train.ema import EMA
 from cpl_fast.train.schedule import WarmupCosine, build_scheduler, warmup_iterations
 
 # Presets on the embedded data (no data root); the others are the paper's benchmarks.
-EMBEDDED = ("demo", "repro")
+EMBEDDED = ("demo", "repro", "cpr_study")
 
 
 @pytest.mark.parametrize("preset", PRESET_NAMES)

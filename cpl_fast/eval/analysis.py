@@ -13,6 +13,8 @@ level's selected experts, gate weights and router softmax. From that:
 * ``plot_histograms``: how often each expert is selected, per task and level;
 * ``plot_selection_map``: Fig. 11's per-sample map -- one panel per level, one column per image
   (grouped by task), one row per expert, the colour the expert's gate weight (0 when unselected);
+* ``prompt_gap`` (in ``analyze``'s JSON, sparse routing only): per task, the PSNR with the image's own
+  prompts, the mean PSNR with every selected expert shifted to each other one, and their gap (dB);
 * ``residual_maps`` / ``plot_residuals``: Fig. 5 -- for one image per task, the residual
   ``|restored - target|`` (restoration clipped to [0, 1], mean over channels) when decoded with its
   own (matched) routing, with the routing of an image of each other task and with every selected
@@ -35,6 +37,7 @@ from torch import nn
 
 from cpl_fast.data.io import atomic_write_bytes
 from cpl_fast.eval.evaluate import level_statistics
+from cpl_fast.eval.health import eval_prompt_gap
 from cpl_fast.eval.inference import restore_image
 from cpl_fast.eval.metrics import psnr
 from cpl_fast.eval.protocols import Protocol, get_protocol
@@ -340,6 +343,8 @@ def analyze(model: nn.Module, dataset: Any, out_dir: str | Path, title: str = ""
                        "weights": [record.weights[lv][i].tolist() for lv in range(record.num_levels)]}
                       for i, (t, n) in enumerate(zip(record.tasks, record.names))],
     }
+    if not record.dense:
+        result["prompt_gap"] = eval_prompt_gap(model, dataset, max_images, protocol)
     if residuals:
         maps = residual_maps(model, dataset, record, protocol)
         figures.append(plot_residuals(maps, out_dir / "residuals.png", title))

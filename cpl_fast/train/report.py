@@ -70,12 +70,38 @@ def summary_text(runs: Sequence[RunResult]) -> str:
             sb = f"{before['ssim']:.4f}" if before else "-"
             scores = f"{pb:>11} {after['psnr']:>7.2f} {sb:>11} {after['ssim']:>7.4f}"
             lines.append(f"   {task:<12} {scores}   {ent}")
+    lines += standing(runs)
     return "\n".join(lines)
+
+
+def _average_psnr(scores: Mapping[str, Any]) -> float | None:
+    values = [s["psnr"] for s in scores.values()]
+    return sum(values) / len(values) if values else None
+
+
+def standing(runs: Sequence[RunResult]) -> list[str]:
+    """Where the main run (the first) stands: average PSNR against its start and against each other run."""
+    if not runs or not runs[0].after:
+        return []
+    main = runs[0]
+    after, before = _average_psnr(main.after), _average_psnr(main.before) if main.before else None
+    lines = []
+    if before is not None:
+        verdict = "above" if after > before else "BELOW"
+        lines.append(f"-> {main.name}: average PSNR {before:.2f} -> {after:.2f} dB ({after - before:+.2f}), "
+                     f"{verdict} its starting point")
+    for other in runs[1:]:
+        theirs = _average_psnr(other.after) if other.after else None
+        if theirs is not None:
+            lines.append(f"-> {main.name} vs {other.name}: {after:.2f} vs {theirs:.2f} dB average PSNR "
+                         f"({after - theirs:+.2f} dB)")
+    return lines
 
 
 def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> str:
     out = [f"# {title}", ""]
     out += [f"{note}" for note in notes] + [""]
+    out += [line[3:] + "  " for line in standing(runs)] + [""]
     out += ["Selection entropy: entropy (bits) of the average selection distribution of a prompt level "
             "over a task's test images: for sparse routing the histogram of selected experts, for dense "
             "routing the mean softmax. 0 bits: every image of the task uses the same expert; log2(n) bits: "
