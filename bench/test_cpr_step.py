@@ -1,8 +1,10 @@
 """A full CPL training step (forward, backward, Adam) with m = 4 negatives, k = 1, six ways.
 
 Cases: the ``cpl`` model (the paper's size) on 64x64 crops, batch 1 and 2; the ``tiny`` model on
-128x128 crops, batch 4; on a GPU also the ``cpl`` model at the paper's 128x128, batch 4 (every
-provider but ``literal``, the compiled ones included). Providers: ``literal`` (Algorithm 1, per
+128x128 crops, batch 4; and, marked ``gpu`` and skipped without a CUDA device, the ``cpl`` model at
+the paper's 128x128, batch 4, with float32 weights run in float32 (``cpl-128-b4``) and under bfloat16
+autocast (``cpl-128-b4-bf16``), every provider but ``literal``, the compiled ones included.
+Providers: ``literal`` (Algorithm 1, per
 sample), ``loop`` (batched, one pass per negative), ``fast_reference`` / ``fast_fused`` (one
 encode, one decoder pass over ``B (1 + m)`` rows; ``cpr_distances`` forced to the reference
 backend / left to dispatch, the fused kernel), ``fast_fused_chunk1`` (the same step with
@@ -12,19 +14,24 @@ Features: VGG19 with random weights (same cost as the real one), taps relu1_1 ..
 
 Reported per case and provider: median time per step (wall clock, and the process's CPU time:
 on one thread, ``OMP_NUM_THREADS=1``, the CPU time is the step's own compute and stays honest when
-other work shares the processor), images/s, peak memory and the FLOPs the step does. Peak memory
+other work shares the processor), images/s, peak memory and the FLOPs the step does (on a GPU also
+the achieved FLOP/s against the measured float32 and bfloat16 matmul rates). Peak memory
 is measured twice: the extra bytes of PyTorch's allocator during one step
 (``peak_memory`` of conftest.py, every provider), and, for the eager providers on the CPU, the rise
 of the process's resident-set high-water mark (``ru_maxrss``) over its resident size just before
 one step run in a fresh subprocess (what the operating system sees, the allocator's caching
 included; that step also allocates the gradients and Adam's state, the same for every provider).
-FLOPs: ``torch.utils.flop_counter`` over one eager step (compiled providers do the same maths).
+FLOPs: bench/flops.py's counter over one eager step (compiled providers do the same maths): torch's
+``FlopCounterMode`` with the backward of grouped convolutions counted right (torch's own formula
+counts a depthwise convolution's backward about C/2 times too high).
 
 CPU steps take seconds to tens of seconds on a 2-core CPU (the restoration network dominates; VGG19 at
 64x64 is about 5% of a step), so to stay
 within about 20 minutes: pedantic mode, ``CPR_STEP_ROUNDS`` timed rounds (default 1) after one
-warm-up; the eager warm-up step is the one measured for memory and FLOPs; ``literal`` and the
-compiled providers run on ``cpl-64-b1`` only, the fresh-process RSS only with ``CPR_STEP_RSS=1``.
+warm-up; the eager warm-up step is the one measured for memory and FLOPs (a compiled provider
+whose eager counterpart did not run in the same session counts one eager step of it); ``literal``
+and the compiled providers run on ``cpl-64-b1`` only among the CPU cases, the fresh-process RSS only
+with ``CPR_STEP_RSS=1``.
 ``torch.compile`` providers run last; one whose first (compiling) step takes
 longer than ``CPR_STEP_COMPILE_LIMIT_S`` (default 300 s), or that would start after
 ``CPR_STEP_BUDGET_S`` (default 900 s) of this module, is skipped with the measured reason.
@@ -48,7 +55,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import RULE, count_flops  # bench/flops.py (bench/ is on sys.path under pytest and as a script)
 
 from cpl_fast import memory
 from cpl_fast.losses import CPRLoss, PerceptualFeatures
@@ -58,9 +65,12 @@ from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step, l
 M = 4
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
-CASES = {"cpl-64-b1": ("cpl", 64, 1), "cpl-64-b2": ("cpl", 64, 2), "tiny-128-b4": ("tiny", 128, 4)}
-if ON_GPU:  # the paper's crop size; does not fit this benchmark's CPU budget
-    CASES["cpl-128-b4"] = ("cpl", 128, 4)
+# name: (preset, crop size, batch, autocast dtype or None)
+CPU_CASES = {"cpl-64-b1": ("cpl", 64, 1, None), "cpl-64-b2": ("cpl", 64, 2, None),
+             "tiny-128-b4": ("tiny", 128, 4, None)}
+# The paper's crop size: does not fit this benchmark's CPU budget, so GPU only.
+GPU_CASES = {"cpl-128-b4": ("cpl", 128, 4, None), "cpl-128-b4-bf16": ("cpl", 128, 4, torch.bfloat16)}
+CASES = {**CPU_CASES, **GPU_CASES}
 EAGER = ["literal", "loop", "fast_reference", "fast_fused", "fast_fused_chunk1"]
 COMPILED = ["compile_loop", "compile_fast"]
 # A compiled provider does the maths of its eager counterpart: its FLOPs are counted there.
@@ -77,11 +87,12 @@ if CPU_ALLOCATOR not in ("caching", "system"):
     raise ValueError(f"CPR_STEP_CPU_ALLOCATOR must be caching or system, got {CPU_ALLOCATOR!r}")
 START = time.perf_counter()
 RESULTS: dict[tuple[str, str], dict] = {}
+EXTRA: dict[tuple[str, str], dict] = {}   # each case's benchmark.extra_info, for numbers added at the end
 
 
 def make_setup(case: str, device: torch.device = DEVICE):
     """Model (train mode), features, loss, sampler, Adam and a seeded batch for one case."""
-    preset, size, batch = CASES[case]
+    preset, size, batch, _ = CASES[case]
     torch.manual_seed(0)
     model = build_model(preset).train().to(device)
     features = PerceptualFeatures.random_vgg19(seed=0).to(device)
@@ -104,6 +115,7 @@ def step_fn(provider: str):
 def make_train_step(case: str, provider: str, device: torch.device = DEVICE):
     """``train_step()``: zero grads, CPL step, backward, Adam step (GPU: waited for); the batch size."""
     model, features, loss, sampler, optimizer, batch = make_setup(case, device)
+    autocast = CASES[case][3]
     fn, backend = step_fn(provider)
     if provider.startswith("compile"):
         fn = torch.compile(fn, dynamic=False)
@@ -111,7 +123,9 @@ def make_train_step(case: str, provider: str, device: torch.device = DEVICE):
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        out = fn(model, batch, features, loss, sampler, m=M, generator=generator)
+        # Autocast covers the forward and the loss; the backward runs outside it, as usual.
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = fn(model, batch, features, loss, sampler, m=M, generator=generator)
         out.loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -130,13 +144,6 @@ def make_train_step(case: str, provider: str, device: torch.device = DEVICE):
                 else:
                     os.environ["CPL_FAST_BACKEND"] = previous
     return with_backend, batch[0].shape[0]
-
-
-def count_flops(train_step) -> int:
-    counter = FlopCounterMode(display=False)
-    with counter:
-        train_step()
-    return counter.get_total_flops()
 
 
 def rss_in_subprocess(case: str, provider: str) -> dict:
@@ -184,10 +191,15 @@ def write_summary(bench_notes):
         bench_notes["cpr_step"].extend(summary())
 
 
-ORDER = [("literal", SMALL)] + [(provider, case) for provider in EAGER[1:] for case in CASES] + \
+ORDER = [("literal", SMALL)] + [(provider, case) for provider in EAGER[1:] for case in CPU_CASES] + \
         [(provider, SMALL) for provider in COMPILED]
-if ON_GPU:  # compiling is quick enough there to compare on the largest case too
-    ORDER += [(provider, "cpl-128-b4") for provider in COMPILED]
+# The GPU cases: compiling is quick enough there to compare the compiled providers on them too
+# (compile_fast first: the compiled step a training run would use).
+GPU_ORDER = [(provider, case) for case in GPU_CASES for provider in EAGER[1:] + COMPILED[::-1]]
+NEEDS_GPU = [pytest.mark.gpu, pytest.mark.skipif(
+    not ON_GPU, reason="needs a CUDA device (the paper's 128x128 crops do not fit the CPU budget)")]
+PARAMS = [pytest.param(provider, case, id=f"{provider}-{case}") for provider, case in ORDER] + [
+    pytest.param(provider, case, id=f"{provider}-{case}", marks=NEEDS_GPU) for provider, case in GPU_ORDER]
 
 
 @functools.cache
@@ -206,7 +218,7 @@ def matmul_rate(dtype: torch.dtype) -> float:
     return 20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3)
 
 
-@pytest.mark.parametrize("provider,case", ORDER, ids=[f"{p}-{c}" for p, c in ORDER])
+@pytest.mark.parametrize("provider,case", PARAMS)
 def test_cpr_step_full(benchmark, peak_memory, bench_notes, provider, case):
     benchmark.group = "cpr_step-full"
     benchmark.extra_info.update(case=case, provider=provider)
@@ -251,25 +263,40 @@ def test_cpr_step_full(benchmark, peak_memory, bench_notes, provider, case):
               "first_step_s": first, **measured}
     if compiled:
         record["peak_extra_bytes"] = peak_memory(train_step)
+        record["flops"] = eager_flops(case, FLOPS_OF[provider])
     elif RSS and not ON_GPU:
         record.update(rss_in_subprocess(case, provider))
     benchmark.extra_info.update(record)
     RESULTS[(case, provider)] = record
+    EXTRA[(case, provider)] = benchmark.extra_info
 
 
 def _gpu_rate_lines() -> list[str]:
-    """Achieved FLOP/s of every eager step as a fraction of the GPU's measured matmul rates."""
+    """Achieved FLOP/s of every step as a share of the GPU's measured matmul rates (also into extra_info)."""
     fp32, bf16 = matmul_rate(torch.float32), matmul_rate(torch.bfloat16)
     lines = ["", f"### fraction of the measured matmul rate (fp32 {fp32 / 1e12:.1f} TFLOP/s, "
                  f"bf16 {bf16 / 1e12:.1f} TFLOP/s; 8192^3 matmuls)", "",
-             "| case | provider | TFLOP/s | of fp32 | of bf16 |", "|---|---|---|---|---|"]
+             "| case | provider | step precision | TFLOP/s | of fp32 matmul | of bf16 matmul |",
+             "|---|---|---|---|---|---|"]
     for (case, provider), r in RESULTS.items():
-        flops = RESULTS.get((case, FLOPS_OF.get(provider, provider)), {}).get("flops")
-        if "median_s" not in r or flops is None:
+        if "median_s" not in r or r.get("flops") is None:
             continue
-        rate = flops / r["median_s"]
-        lines.append(f"| {case} | {provider} | {rate / 1e12:.2f} | {rate / fp32:.1%} | {rate / bf16:.1%} |")
+        rate = r["flops"] / r["median_s"]
+        precision = "bf16 autocast" if CASES[case][3] == torch.bfloat16 else "fp32"
+        EXTRA[(case, provider)].update(achieved_flops_per_s=rate, matmul_fp32_flops_per_s=fp32,
+                                       matmul_bf16_flops_per_s=bf16)
+        lines.append(f"| {case} | {provider} | {precision} | {rate / 1e12:.2f} | {rate / fp32:.1%} "
+                     f"| {rate / bf16:.1%} |")
     return lines
+
+
+def eager_flops(case: str, provider: str) -> int:
+    """FLOPs of one eager step of ``provider``: from this session's run of it, else counted now."""
+    flops = RESULTS.get((case, provider), {}).get("flops")
+    if flops is None:
+        use_cpu_allocator()
+        flops = count_flops(make_train_step(case, provider)[0])
+    return flops
 
 
 def summary() -> list[str]:
@@ -285,7 +312,7 @@ def summary() -> list[str]:
             if "skipped" in r:
                 lines.append(f"| {case} | {provider} | {r['skipped']} | | | | | | |")
                 continue
-            flops = RESULTS.get((case, FLOPS_OF.get(provider, provider)), {}).get("flops")
+            flops = r.get("flops")
             rss = r.get("rss_peak_rise_bytes")
             bound = "" if r.get("exact") else " (upper bound)"
             rss_text = "-" if rss is None else f"{rss / 2**20:.0f}{bound}"
@@ -324,8 +351,8 @@ def summary() -> list[str]:
               "(median over the rounds; on one thread the step's own compute, which other work sharing the "
               "processor inflates far less than wall time; on several threads it also counts their waiting). "
               "FLOPs of compiled providers: those of their "
-              "eager counterparts. Allocator peak: conftest's profiler-based count; RSS: fresh-process "
-              "high-water rise "
+              f"eager counterparts. FLOPs: {RULE}. Allocator peak: conftest's profiler-based count; "
+              "RSS: fresh-process high-water rise "
               "(gradients and Adam state included).", ""]
     return lines
 

@@ -26,7 +26,7 @@ import os
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import flop_counter  # bench/flops.py, the benchmarks' one FLOP counter
 
 from cpl_fast.export import OnnxRunner, Profile, TensorRTRunner, build_engine, export_onnx
 from cpl_fast.models import build_model
@@ -67,7 +67,7 @@ def count_macs(routing: str, size: int) -> int:
         x = torch.rand(1, 3, size, size)
     with torch.no_grad():
         model(x)                                      # fills the folded-map cache
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             model(x)
     return counter.get_total_flops() // 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from flops import flop_counter  # bench/flops.py, the benchmarks' one FLOP counter
 
 from cpl_fast.models import build_model
 
@@ -30,7 +30,7 @@ measured: dict[tuple[str, int], dict[str, float]] = {}
 
 
 def count_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         model(x)
     return counter.get_total_flops() // 2
