@@ -1,8 +1,9 @@
 """Shared setup of the benchmarks (``pytest bench/``) and the writer of ``bench/results/``.
 
 Fixtures: ``device`` (CUDA when present, else CPU), ``sync`` (waits for the device, so timings of
-GPU work are honest), ``peak_memory`` (peak extra bytes a call allocates, see below) and
-``bench_notes`` (lines a benchmark module adds to its results file).
+GPU work are honest), ``peak_memory`` (peak extra bytes a call allocates, see below),
+``copy_bandwidth`` and ``bandwidth_lines`` (see below) and ``bench_notes`` (lines a benchmark module
+adds to its results file).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before the
 call. On the CPU, ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
@@ -11,18 +12,27 @@ the running sum of those events, in time order, peaks at the call's peak extra m
 does not come from PyTorch's allocator (a ``malloc`` inside a kernel) is not seen, so kernels here
 take their scratch space from ATen.
 
+Bandwidth: ``copy_bandwidth`` is the device's measured copy rate (bytes read plus bytes written per
+second by ``Tensor.copy_`` of a 256 MiB buffer, best of 10), the yardstick of memory-bound ops: an op
+that must read and write ``n`` bytes cannot take less than ``n / copy_bandwidth`` seconds.
+``bandwidth_lines(rows, bandwidth)`` turns ``(case, provider, seconds, bytes)`` rows into a markdown
+table of that share.
+
 At the end of the session, for every op with groups named ``<op>-fwd|bwd|full``, the hook writes
 ``bench/results/<op>_<device>_<date>.json`` (every benchmark's statistics and extra_info) and
 ``bench/results/<op>_<device>.md`` (median times and peak memory per case and provider); ``<device>`` is
-``cpu-<n>threads`` for a CPU run on fewer threads than the machine has.
+``cpu-<n>threads`` for a CPU run on fewer threads than the machine has. ``CPL_BENCH_RESULTS=DIR`` writes
+them into DIR instead (scripts/gpu_check.py collects a GPU run's results that way).
 """
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import platform
 import re
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +40,7 @@ from pathlib import Path
 import pytest
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("CPL_BENCH_RESULTS") or Path(__file__).parent / "results")
 GROUP = re.compile(r"^(?P<op>\w+)-(?P<mode>fwd|bwd|full)$")
 _NOTES: dict[str, list[str]] = defaultdict(list)
 
@@ -90,6 +100,54 @@ def peak_memory(device) -> Callable[[Callable[[], object]], int]:
             return torch.cuda.max_memory_allocated() - base
         return _cpu_peak_extra(fn)
     return measure
+
+
+@functools.cache
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 256 * 2**20, repeats: int = 10) -> float:
+    """Bytes read plus bytes written per second by ``dst.copy_(src)`` of ``nbytes`` (best of ``repeats``)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)                                    # first touch and allocator warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            started = time.perf_counter()
+            dst.copy_(src)
+            seconds = time.perf_counter() - started
+        best = min(best, seconds)
+    return 2 * nbytes / best
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(device) -> float:
+    """The device's measured copy bandwidth in bytes per second (see the module docstring)."""
+    return measure_copy_bandwidth(device)
+
+
+def _bandwidth_lines(rows: list[tuple[str, str, float, int]], bandwidth: float) -> list[str]:
+    """Markdown: per ``(case, provider, seconds, bytes)``, the GB/s reached and its share of ``bandwidth``."""
+    lines = [f"### bytes each case must move, and the share of the measured copy bandwidth "
+             f"({bandwidth / 1e9:.0f} GB/s, read + write)", "",
+             "| case | provider | median ms | MB moved | GB/s | of copy bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for case, provider, seconds, nbytes in rows:
+        rate = nbytes / seconds
+        lines.append(f"| {case} | {provider} | {seconds * 1e3:.3f} | {nbytes / 1e6:.1f} | {rate / 1e9:.0f} "
+                     f"| {rate / bandwidth:.0%} |")
+    return lines + [""]
+
+
+@pytest.fixture(scope="session")
+def bandwidth_lines() -> Callable[[list[tuple[str, str, float, int]], float], list[str]]:
+    """``bandwidth_lines(rows, bandwidth)``: markdown lines, see the module docstring."""
+    return _bandwidth_lines
 
 
 @pytest.fixture(scope="session")
@@ -163,7 +221,7 @@ def pytest_sessionfinish(session, exitstatus):
     # The load average tells how much other work shared the processor while the timings were taken.
     header = {"device": device_name(dev), "date": today, "command": command, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "load_average_1_5_15min": list(os.getloadavg())}
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for op, records in by_op.items():
         notes = _NOTES.get(op, [])
         (RESULTS / f"{op}_{tag}_{today}.json").write_text(

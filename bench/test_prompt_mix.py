@@ -9,9 +9,16 @@ level-2 resolution (crop / 2), prompt2 ((5, 128, 32, 32)) at crop / 4 and prompt
 
 Providers: ``materialized`` (the published implementations' dense prompt: the bank repeated per
 sample and weighted by dense probabilities, zero outside the top-k), ``reference`` (gather the k
-selected experts, mix, resize), ``compile`` (torch.compile of ``reference``), and every fused
-backend available on the device (``cpu``; ``triton`` and ``cuda`` on a GPU). Peak memory is the
-extra memory one call allocates (see bench/conftest.py for how it is measured).
+selected experts, mix, resize), ``compile`` (torch.compile of ``reference``), and the fused
+backends ``cpu``, ``triton`` and ``cuda`` (each skipped, with the dispatcher's reasons, where it
+cannot run; ``triton`` and ``cuda`` carry the ``gpu`` marker). Peak memory is the extra memory one
+call allocates (see bench/conftest.py for how it is measured).
+
+Bytes moved: what any implementation must read and write, at least (float32): the forward reads the
+selected experts (each distinct expert once) and writes the output; the backward reads ``grad_out``
+and the selected experts again (for ``grad_weights``) and writes the whole, dense ``grad_bank``. The
+weights and indices (``B x k`` values) are left out. Each case's median time is set against the
+device's measured copy bandwidth (bench/conftest.py) in a table under the results.
 
 Run with ``pytest bench/test_prompt_mix.py`` (or ``pytest bench/``); nothing here asserts a speed.
 The last test checks the targets (the fused CPU kernel at least 5x faster than ``materialized`` and
@@ -24,6 +31,7 @@ import os
 
 import pytest
 import torch
+from gpu_marks import fused_provider  # bench/gpu_marks.py (pytest puts bench/ on sys.path)
 
 from cpl_fast.ops import prompt_mix, prompt_mix_materialized, prompt_mix_reference
 from cpl_fast.ops.prompt_mix import DISPATCHER
@@ -37,7 +45,11 @@ LEVELS = {  # name: (channels, bank size S, downscale of the crop where the prom
 SETTINGS = {"train": (128, "full"), "infer": (512, "fwd")}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED = [name for name in ("cpu", "triton", "cuda") if not DISPATCHER.backends[name].available(DEVICE)]
-PROVIDERS = ["materialized", "reference", "compile"] + FUSED
+
+
+
+PROVIDERS = ["materialized", "reference", "compile"] + [
+    fused_provider(DISPATCHER, name, DEVICE) for name in ("cpu", "triton", "cuda")]
 
 _measured: dict[tuple[str, str, str], dict[str, float]] = {}   # (setting, level, provider) -> numbers
 
@@ -61,6 +73,16 @@ def _setup(level: str, setting: str):
     return bank, indices, weights.contiguous(), dense, (out_size, out_size), grad_out
 
 
+def bytes_moved(bank: torch.Tensor, indices: torch.Tensor, out_numel: int, mode: str) -> int:
+    """The least bytes one call must read and write (see the module docstring)."""
+    element = bank.element_size()
+    expert = bank[0].numel() * element
+    selected = int(indices.unique().numel()) * expert
+    out = out_numel * element
+    forward = selected + out
+    return forward if mode == "fwd" else forward + out + selected + bank.shape[0] * expert
+
+
 def _provider(name: str):
     """``fn(bank, indices, weights, dense_probs, size)``."""
     if name == "materialized":
@@ -76,7 +98,7 @@ def _provider(name: str):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("level", list(LEVELS))
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_prompt_mix(benchmark, sync, peak_memory, setting, level, provider):
+def test_prompt_mix(benchmark, sync, peak_memory, copy_bandwidth, setting, level, provider):
     bank, indices, weights, dense, size, grad_out = _setup(level, setting)
     fn = _provider(provider)
     mode = SETTINGS[setting][1]
@@ -107,8 +129,12 @@ def test_prompt_mix(benchmark, sync, peak_memory, setting, level, provider):
                                 peak_extra_bytes=peak, output_bytes=output_bytes,
                                 peak_over_output=round(peak / output_bytes, 3))
     benchmark(step)
-    _measured[(setting, level, provider)] = {"median": benchmark.stats.stats.median, "peak": peak,
-                                             "output_bytes": output_bytes}
+    median = benchmark.stats.stats.median
+    moved = bytes_moved(bank, indices, grad_out.numel(), mode)
+    benchmark.extra_info.update(bytes_moved=moved, copy_bandwidth_bytes_per_s=copy_bandwidth,
+                                of_copy_bandwidth=round(moved / median / copy_bandwidth, 4))
+    _measured[(setting, level, provider)] = {"median": median, "peak": peak, "output_bytes": output_bytes,
+                                             "bytes_moved": moved, "copy_bandwidth": copy_bandwidth}
 
 
 def _targets() -> list[str]:
@@ -134,6 +160,17 @@ def _targets() -> list[str]:
     return lines
 
 
+@pytest.fixture(scope="module", autouse=True)
+def write_bandwidth_table(bench_notes, bandwidth_lines):
+    """After the last case, the share of the copy bandwidth of every case, under the results."""
+    yield
+    rows = [(_case(setting, level), provider, r["median"], r["bytes_moved"])
+            for (setting, level, provider), r in _measured.items()]
+    if rows:
+        bandwidth = next(iter(_measured.values()))["copy_bandwidth"]
+        bench_notes["prompt_mix"].extend(["", *bandwidth_lines(rows, bandwidth)])
+
+
 def test_prompt_mix_targets(bench_notes):
     """Not an assertion of speed: records which targets the fused backend met in this run."""
     lines = _targets()
@@ -149,5 +186,5 @@ def test_prompt_mix_targets(bench_notes):
         notes.append(f"The processor was shared (load average {load:.1f} on {os.cpu_count()} cores): a multi-threaded "
                      "call waits for its descheduled worker threads, which can dominate the short train cases; "
                      "compare with a run under OMP_NUM_THREADS=1.")
-    bench_notes["prompt_mix"] = notes
+    bench_notes["prompt_mix"].extend(notes)
     print("\n" + "\n".join(lines))
