@@ -318,7 +318,7 @@ def test_export_rejects_bad_sizes(tmp_path, size, match):
 
 
 def test_export_rejects_old_opset(tmp_path):
-    with pytest.raises(ValueError, match="opset 18 or later"):
+    with pytest.raises(ValueError, match="opset 17 is not supported"):
         export_onnx(tiny(), tmp_path / "m.onnx", FIXED, opset=17)
 
 

@@ -181,3 +181,17 @@ def test_aux_loss_and_gradient_modes_train(tmp_path):
     history = Trainer(config, tmp_path, log=lambda message: None).fit()
     assert all(0 < h["router_aux"] < 0.01 * 3 * 5 for h in history)    # aux_weight * levels * [.., n]
     assert all(math.isfinite(h["loss"]) for h in history)
+
+
+def test_weights_without_selection_biases_load_into_a_balanced_model():
+    """Official and unbalanced checkpoints have no route_bias: zeros select as their router did."""
+    from cpl_fast.models.checkpoint import load_checkpoint
+
+    source = build_model("tiny")
+    target = build_model("tiny", route_bias=True)
+    report = load_checkpoint(target, source.state_dict())
+    assert len(report.filled_keys) == 3 and not report.missing_keys
+    x = torch.rand(1, 3, 16, 16)
+    source.eval(), target.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)

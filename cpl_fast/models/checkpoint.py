@@ -45,6 +45,7 @@ class LoadReport:
     unexpected_keys: list[str] = field(default_factory=list)    # in the checkpoint, not in the model
     ignored_keys: list[str] = field(default_factory=list)       # the published, unused convolutions
     reshaped_keys: list[str] = field(default_factory=list)      # (1, n, C, S, S) prompt banks
+    filled_keys: list[str] = field(default_factory=list)        # selection biases absent: zeros
 
 
 def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping[str, Any],
@@ -79,6 +80,12 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
             report.reshaped_keys.append(key)
         adapted[key] = value
 
+    # Selection biases (router balancing) are absent from checkpoints trained without it: a zero bias
+    # selects exactly as such a router does, so the model's zeros stand in for them.
+    for key in expected:
+        if key.endswith(".route_bias") and key not in adapted:
+            adapted[key] = torch.zeros_like(expected[key])
+            report.filled_keys.append(key)
     report.missing_keys = [key for key in expected if key not in adapted]
     report.unexpected_keys = [key for key in adapted if key not in expected]
     mismatched = [f"{key}: checkpoint {tuple(adapted[key].shape)} vs model {tuple(expected[key].shape)}"

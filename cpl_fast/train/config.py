@@ -29,7 +29,7 @@ SAMPLER_NAMES = ("mismatched_experts", "other_task")
 CPR_FORMS = ("difference", "ratio", "hinge", "logistic")
 CPR_DISTANCES = ("l2", "l1")
 NEG_GRAD_MODES = ("all", "no_bank", "prompts", "none")
-ROUTER_BALANCE = ("none", "aux_loss", "bias")
+ROUTER_BALANCE = ("auto", "none", "aux_loss", "bias")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("warmup_cosine", "constant")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -58,14 +58,14 @@ DEFAULTS: dict[str, Any] = {
     },
     "cpr": {
         # A named bundle of the settings below (see RECIPES); settings given explicitly win over it.
-        "recipe": "paper",
+        "recipe": "stable",
         "alpha": 0.01,
-        "alpha_relative": None,    # None: alpha fixed; r: alpha set at the first CPR step so that
+        "alpha_relative": 0.1,     # None: alpha fixed; r: alpha set at the first CPR step so that
                                    # alpha * L_pos = r * L1 there (the feature extractor's scale)
         "m": 4,                    # negatives per sample
         "sampler": "mismatched_experts",
         "memory_size": 16,         # other_task: routings remembered per task
-        "form": "difference",      # difference (paper) | ratio | hinge | logistic
+        "form": "hinge",           # difference (paper) | ratio | hinge | logistic
         "distance": "l2",          # feature distance: l2 (mean squared, paper) | l1 (mean absolute)
         "anchor_grad": True,       # L_neg also moves the positive I+ (paper: yes)
         "neg_grad": "all",         # what the negatives' gradient trains: all | no_bank | prompts | none
@@ -78,8 +78,9 @@ DEFAULTS: dict[str, Any] = {
         "neg_chunk": None,         # objective fast: negatives decoded per pass (None: all in one pass)
     },
     "router": {
-        "balance": "none",         # none | aux_loss (Switch-style load-balancing term) | bias
-                                   # (selection-only expert biases nudged from usage, DeepSeek-V3 style)
+        "balance": "auto",         # auto (bias for sparse routing, none for dense) | none | aux_loss
+                                   # (Switch-style load-balancing term) | bias (selection-only expert
+                                   # biases nudged from usage, DeepSeek-V3 style); set by the recipe
         "aux_weight": 0.01,        # aux_loss: weight of n * sum_i f_i P_i per prompt level
         "bias_rate": 0.001,        # bias: step of each expert's bias per optimiser step
     },
@@ -152,12 +153,20 @@ DEFAULTS: dict[str, Any] = {
 }
 
 # Named CPR settings. "paper": Algorithm 1 as published (the values of DEFAULTS).
+# Named bundles of CPR (and router) settings; each names every setting it decides, so switching
+# recipes never leaves one of the other recipe's values behind. Evidence: bench/results/cpr_study.md.
+_PAPER = {"cpr.alpha": 0.01, "cpr.alpha_relative": None, "cpr.form": "difference", "cpr.distance": "l2",
+          "cpr.anchor_grad": True, "cpr.neg_grad": "all", "cpr.margin": 1.0, "cpr.tau": None,
+          "cpr.warmup_steps": 0, "cpr.ramp_steps": 0, "router.balance": "none"}
 RECIPES: dict[str, dict[str, Any]] = {
-    "paper": {},
+    # Algorithm 1 as published: unbounded difference, alpha 0.01, everything trained by L_neg, no
+    # router balancing. On the CPR study it degrades the model (artefacts, collapse of quality).
+    "paper": _PAPER,
+    # The default: a hinge (negatives pushed only until L_neg >= margin * L_pos), alpha set from the
+    # extractor's scale (alpha * L_pos = 0.1 * L1 at the first CPR step) and selection-bias balancing
+    # of sparse routers (no task information without it).
+    "stable": {**_PAPER, "cpr.alpha_relative": 0.1, "cpr.form": "hinge", "router.balance": "auto"},
 }
-
-_RECIPE_KEYS = ("alpha", "alpha_relative", "form", "distance", "anchor_grad", "neg_grad", "margin", "tau",
-                "warmup_steps", "ramp_steps")
 
 # Mappings whose keys are free (not checked against DEFAULTS).
 FREE_MAPPINGS = {"model.overrides", "cpr.feature_options", "baselines"}
@@ -311,18 +320,37 @@ def with_recipe(config: Mapping[str, Any], recipe: str) -> dict[str, Any]:
     if recipe not in RECIPES:
         raise ConfigError(f"cpr.recipe must be one of {', '.join(RECIPES)}; got {recipe!r}")
     out = copy.deepcopy(dict(config))
-    out["cpr"] = {**out["cpr"], **{key: DEFAULTS["cpr"][key] for key in _RECIPE_KEYS},
-                  **copy.deepcopy(RECIPES[recipe]), "recipe": recipe}
+    for key, value in RECIPES[recipe].items():
+        section, name = key.split(".")
+        out[section] = {**out[section], name: copy.deepcopy(value)}
+    out["cpr"]["recipe"] = recipe
     return out
 
 
+def router_balance(config: Mapping[str, Any]) -> str:
+    """The effective ``router.balance``: ``auto`` is ``bias`` for sparse routing, ``none`` for dense."""
+    balance = config["router"]["balance"]
+    if balance == "auto":
+        k, _ = model_k_n(config)
+        return "none" if k is None else "bias"
+    return balance
+
+
 def normalise(config: dict[str, Any]) -> dict[str, Any]:
-    """Settings implied by others: ``router.balance=bias`` builds the model with selection biases."""
-    if config.get("router", {}).get("balance") == "bias":
-        overrides = config["model"].setdefault("overrides", {})
-        if isinstance(overrides, dict):
+    """Settings implied by others: selection-bias balancing builds the model with ``route_bias``."""
+    overrides = config["model"].setdefault("overrides", {})
+    if isinstance(overrides, dict) and config["model"]["preset"] in _model_presets():
+        if router_balance(config) == "bias":
             overrides["route_bias"] = True
+        else:
+            overrides.pop("route_bias", None)
     return config
+
+
+def _model_presets() -> Mapping[str, Any]:
+    from cpl_fast.models import PRESETS
+
+    return PRESETS
 
 
 def load_config(preset: str | None = None, files: Sequence[str | Path] = (),
@@ -491,7 +519,7 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_choice(config, "router.balance", ROUTER_BALANCE)
     _check_number(config, "router.aux_weight", 0.0)
     _check_number(config, "router.bias_rate", 0.0)
-    if config["router"]["balance"] != "none":
+    if config["router"]["balance"] not in ("none", "auto"):
         _need(k is not None, f"router.balance={config['router']['balance']} balances sparse routing; the "
                              f"model is dense (model.k=all or a dense preset)")
     _check_int(config, "health.grad_ratio_every", 0)

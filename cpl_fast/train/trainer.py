@@ -53,7 +53,7 @@ from cpl_fast.eval.loading import model_from_config
 from cpl_fast.losses import CPRLoss, build_features
 from cpl_fast.models import Routing
 from cpl_fast.train.checkpointing import load_newest_checkpoint, save_checkpoint
-from cpl_fast.train.config import ConfigError, model_k_n
+from cpl_fast.train.config import ConfigError, model_k_n, router_balance
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.health import TrainingHealth
 from cpl_fast.train.literal_step import literal_cpl_step
@@ -571,7 +571,7 @@ class Trainer:
 
     def _router_loss(self, out: CPLStepOutput) -> torch.Tensor | None:
         router = self.config["router"]
-        if router["balance"] != "aux_loss" or router["aux_weight"] == 0:
+        if router_balance(self.config) != "aux_loss" or router["aux_weight"] == 0:
             return None
         return router["aux_weight"] * load_balancing_loss(out.routing, self.model.num_prompts)
 
@@ -608,7 +608,7 @@ class Trainer:
                     out.restored, out.negative_images, batch[1]) / accumulate
             routings.append([r.indices.detach() for r in out.routing])
             task_ids.append(batch[2])
-        if self.config["router"]["balance"] == "bias":
+        if router_balance(self.config) == "bias":
             merged = [Routing(torch.cat([r[level] for r in routings]), torch.empty(0))
                       for level in range(len(routings[0]))]
             update_route_bias(self.model, merged, self.config["router"]["bias_rate"], self.info.enabled)
