@@ -44,8 +44,10 @@ def train_command(name: str, settings: dict[str, Any], seed: int, run_dir: Path,
                   extra: list[str]) -> list[str]:
     sets = [f"seed={seed}", "baselines={}", "report.enabled=false", "eval.before_after=false", f"name={name}",
             *(f"{key}={_yaml_value(value)}" for key, value in settings.items()), *extra]
+    # A folder without result.json is an interrupted run: start it again from scratch.
+    again = ["--overwrite"] if run_dir.exists() else []
     return [sys.executable, "-m", "cpl_fast.train.cli", "--preset", "cpr_study", "--run-dir", str(run_dir),
-            *(arg for s in sets for arg in ("--set", s))]
+            *again, *(arg for s in sets for arg in ("--set", s))]
 
 
 GAP_STRIDE = 7       # prompt gap and output range on every 7th test image (10 of 70, every task twice:
