@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"astronaut, Gaussian noise sigma {args.sigma:g}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=100)
     plt.close(fig)

@@ -660,6 +660,7 @@ class Trainer:
         cfg = self.config
         images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
         gaps: list[float] = []
+        shown: dict[str, float] = {}       # the latest health values, for the progress bar
         while self.step < self.total_steps:
             tick = time.perf_counter()
             terms = self.train_step()
@@ -674,8 +675,16 @@ class Trainer:
                 terms.update(self.health.summary(self.step, gap))
             self.history.append(terms)
             bar.update(1)
+            shown.update({key: value for key, value in terms.items() if key == "prompt_gap"
+                          or key.startswith("task_info_l")})
+            health = {}
+            if "prompt_gap" in shown:
+                health["gap_db"] = f"{shown['prompt_gap']:.1f}"
+            infos = [v for k, v in shown.items() if k.startswith("task_info_l")]
+            if infos:
+                health["task_bits"] = f"{max(infos):.2f}"
             bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}",
-                            cpr=f"{terms['cpr']:.2e}", img_s=f"{terms['images_per_s']:.1f}",
+                            cpr=f"{terms['cpr']:.2e}", img_s=f"{terms['images_per_s']:.1f}", **health,
                             refresh=False)
             if writer is not None:
                 for key, value in terms.items():
