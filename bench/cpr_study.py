@@ -141,8 +141,8 @@ def run_one(name: str, settings: dict[str, Any], seed: int, out: Path, extra: li
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as fh:
         if not (run_dir / "result.json").is_file():
-            subprocess.run(train_command(name, settings, seed, run_dir, extra), stdout=fh, stderr=subprocess.STDOUT,
-                           check=True)
+            subprocess.run(train_command(name, settings, seed, run_dir, extra), stdout=fh,
+                           stderr=subprocess.STDOUT, check=True)
         subprocess.run([sys.executable, __file__, "score", str(run_dir)], stdout=fh, stderr=subprocess.STDOUT,
                        check=True)
     return f"{name} seed {seed}: {time.perf_counter() - started:.0f} s"
@@ -198,7 +198,8 @@ def report(out: Path, results: Path) -> Path:
         return " / ".join(f"{v:+.{digits}f}" if v is not None else "-" for v in values) if values else "-"
 
     lines = ["| entry | avg PSNR (mean ± sd) | vs SPM-L1 per seed | vs dense per seed | "
-             + " | ".join(tasks) + " | task info max (bits) | prompt gap (dB) | |grad CPR|/|grad L1| | s/run |",
+             + " | ".join(tasks)
+             + " | task info max (bits) | prompt gap (dB) | |grad CPR|/|grad L1| | s/run |",
              "|---|---|---|---|" + "---|" * len(tasks) + "---|---|---|---|"]
     for r in rows:
         info = " / ".join(f"{v:.2f}" for v in r["max_task_information"]) or "-"
@@ -242,7 +243,8 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train and score the grid")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1])

@@ -13,27 +13,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import TINY_RUN, as_sets
 
 from cpl_fast.eval.cli import eval_main, restore_main
 from cpl_fast.models import build_model, save_model_state
 from cpl_fast.train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["objective=l1", "data.crop=32", "data.batch=2", "train.iterations=2", "checkpoint.every=1",
-            "logging.progress=false", "logging.tensorboard=false", "eval.before_after=false",
-            "report.enabled=false", "baselines={}", "threads=1", "data.num_workers=0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _sets(settings):
-    return [item for s in settings for item in ("--set", s)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(path: Path, seed: int = 0, size: tuple[int, int] = (16, 16)) -> Path:
@@ -259,7 +246,7 @@ def test_training_on_a_corrupt_image_names_it_in_one_line(tmp_path, capsys):
     root = _paired_tree(tmp_path / "pairs", corrupt=True)
     settings = [*TINY_RUN, "data.layout=paired", f"data.root={root}", "data.samples_per_epoch=8",
                 "train.iterations=4"]
-    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *_sets(settings)])
+    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *as_sets(settings)])
     line = _one_error_line(capsys.readouterr().err, "cpl-train")
     assert code == 1
     assert str(root / "input" / "2.png") in line and "data.skip_unreadable=true" in line
@@ -293,7 +280,7 @@ def test_train_dataset_skips_unusable_samples_when_allowed(tmp_path):
     ("seed=18446744073709551616", "seed must be"),
 ])
 def test_config_values_that_would_break_the_run_are_refused(tmp_path, capsys, setting, message):
-    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *_sets([*TINY_RUN, setting])])
+    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *as_sets([*TINY_RUN, setting])])
     assert code == 2
     assert message in _one_error_line(capsys.readouterr().err, "cpl-train")
     assert not (tmp_path / "run").exists()
@@ -306,7 +293,7 @@ def test_a_crop_that_cannot_fit_is_refused_before_it_allocates(tmp_path):
             "from cpl_fast.train.cli import main; sys.exit(main(sys.argv[1:]))")
     settings = [*TINY_RUN, "data.crop=4096", "data.batch=8", "objective=loop", "cpr.m=4"]
     done = subprocess.run([sys.executable, "-c", code, "--preset", "demo", "--run-dir", str(tmp_path / "run"),
-                           *_sets(settings)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           *as_sets(settings)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-4000:]
     line = _one_error_line(done.stderr, "cpl-train")
@@ -330,7 +317,7 @@ def test_unwritable_run_folders_are_one_line(tmp_path, capsys, monkeypatch, wher
 
     if where == "under a file":
         (tmp_path / "file").write_text("x")
-        code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "file" / "run"), *_sets(TINY_RUN)])
+        code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "file" / "run"), *as_sets(TINY_RUN)])
         assert code == 2 and "file" in _one_error_line(capsys.readouterr().err, "cpl-train")
         return
 
@@ -338,7 +325,7 @@ def test_unwritable_run_folders_are_one_line(tmp_path, capsys, monkeypatch, wher
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "x"))
 
     monkeypatch.setattr(checkpointing, "save_model_state", disk_full)
-    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *_sets(TINY_RUN)])
+    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *as_sets(TINY_RUN)])
     assert code == 1
     assert "No space left on device" in _one_error_line(capsys.readouterr().err, "cpl-train")
 
@@ -361,7 +348,7 @@ def test_a_diverged_run_stops_with_one_line_and_saves_no_non_finite_checkpoint(t
 
     monkeypatch.setattr(Trainer, "train_step", diverging)
     code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"),
-                       *_sets([*TINY_RUN, "train.iterations=3"])])
+                       *as_sets([*TINY_RUN, "train.iterations=3"])])
     line = _one_error_line(capsys.readouterr().err, "cpl-train")
     assert code == 1
     assert ("not finite" in line) if what == "weights" else ("the loss is nan at step 2" in line)
@@ -375,5 +362,5 @@ def test_training_skips_unreadable_samples_when_told(tmp_path, capsys):
     settings = [*TINY_RUN, "data.layout=paired", f"data.root={root}", "data.samples_per_epoch=8",
                 "train.iterations=4", "data.skip_unreadable=true"]
     with pytest.warns(UserWarning, match=r"skipped unusable training sample 2 .*input/2\.png"):
-        code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *_sets(settings)])
+        code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *as_sets(settings)])
     assert code == 0, capsys.readouterr().err

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_runs import TINY_RUN, as_sets
 
 from cpl_fast.models import build_model
 from cpl_fast.train import checkpointing
@@ -19,21 +20,7 @@ from cpl_fast.train.checkpointing import CheckpointError, latest_checkpoint, rea
 from cpl_fast.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["objective=l1", "data.crop=32", "data.batch=2", "train.iterations=2", "checkpoint.every=1",
-            "logging.progress=false", "logging.tensorboard=false", "eval.before_after=false",
-            "report.enabled=false", "baselines={}", "threads=1", "data.num_workers=0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _sets(settings):
-    return [item for s in settings for item in ("--set", s)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:
@@ -44,7 +31,7 @@ def _env() -> dict[str, str]:
 def finished_run(tmp_path_factory) -> Path:
     """A two-step tiny run with checkpoints at steps 1 and 2 (copy it before changing it)."""
     run = tmp_path_factory.mktemp("run") / "tiny"
-    assert main(["--preset", "demo", "--run-dir", str(run), *_sets(TINY_RUN)]) == 0
+    assert main(["--preset", "demo", "--run-dir", str(run), *as_sets(TINY_RUN)]) == 0
     return run
 
 
@@ -233,11 +220,12 @@ def test_load_newest_checkpoint_skips_a_trainer_state_that_fails_to_read(run):
     torch.save([1, 2, 3], newest / "list.pt")
     _rewrite(newest, "trainer_state.pt", (newest / "list.pt").read_bytes())
     warned = []
-    folder, info, state = load_newest_checkpoint(run, build_model("tiny"), warn=warned.append)
+    folder, info, state = load_newest_checkpoint(run, build_model("tiny", route_bias=True),
+                                                 warn=warned.append)
     assert folder.name == "step_00000001" and info["step"] == 1 and "optimizer" in state
     assert "holds a list, not a trainer state" in warned[0]
     with pytest.raises(CheckpointError, match="holds a list"):
-        read_checkpoint(newest, build_model("tiny"))
+        read_checkpoint(newest, build_model("tiny", route_bias=True))
 
 
 def test_restore_uses_the_newest_complete_checkpoint_of_a_run(run, tmp_path, capsys):

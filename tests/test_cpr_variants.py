@@ -143,7 +143,8 @@ def rel(a, b):
 
 # Every form, distance, anchor setting and gradient mode at least once.
 VARIANTS = [
-    ("difference", "l1", False, "none"), ("hinge", "l2", True, "prompts"), ("logistic", "l1", True, "no_bank"),
+    ("difference", "l1", False, "none"), ("hinge", "l2", True, "prompts"),
+    ("logistic", "l1", True, "no_bank"),
     ("ratio", "l2", False, "all"),
 ]
 

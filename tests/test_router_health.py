@@ -14,13 +14,7 @@ from cpl_fast.train.health import TrainingHealth
 from cpl_fast.train.router_balance import load_balancing_loss, update_route_bias
 from cpl_fast.train.trainer import Trainer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------- health signals
@@ -84,8 +78,8 @@ def test_load_balancing_loss_is_one_when_balanced_and_n_when_collapsed():
     assert float(load_balancing_loss([collapsed, collapsed], n)) == pytest.approx(2 * n * 0.97)
     logits = torch.randn(8, n, requires_grad=True)
     p = logits.softmax(dim=1)
-    grad, = torch.autograd.grad(load_balancing_loss([Routing(torch.zeros(8, 1, dtype=torch.long), p[:, :1], p)], n),
-                                logits)
+    crowded = Routing(torch.zeros(8, 1, dtype=torch.long), p[:, :1], p)
+    grad, = torch.autograd.grad(load_balancing_loss([crowded], n), logits)
     assert (grad[:, 0] > 0).all()                       # the busy expert's probability is pushed down
     with pytest.raises(ValueError, match="probabilities"):
         load_balancing_loss([Routing(balanced.indices, balanced.weights, None)], n)
@@ -116,7 +110,8 @@ def test_bias_update_moves_toward_a_balanced_load():
 # ----------------------------------------------------------------------------------- config
 
 @pytest.mark.parametrize("setting,word", [
-    ("cpr.form=softmax", "cpr.form"), ("cpr.distance=l3", "cpr.distance"), ("cpr.neg_grad=most", "cpr.neg_grad"),
+    ("cpr.form=softmax", "cpr.form"), ("cpr.distance=l3", "cpr.distance"),
+    ("cpr.neg_grad=most", "cpr.neg_grad"),
     ("cpr.anchor_grad=maybe", "cpr.anchor_grad"), ("cpr.margin=0", "cpr.margin"), ("cpr.tau=-1", "cpr.tau"),
     ("cpr.alpha_relative=0", "cpr.alpha_relative"), ("cpr.alpha=.inf", "cpr.alpha"),
     ("cpr.warmup_steps=-1", "cpr.warmup_steps"), ("cpr.recipe=best", "cpr.recipe"),
@@ -137,7 +132,9 @@ def test_balancing_a_dense_router_is_refused_and_bias_builds_the_model_with_bias
 
 def test_recipe_bundle_sits_under_explicit_settings():
     paper = load_config("demo", overrides=["cpr.recipe=paper"])
-    assert (paper["cpr"]["form"], paper["cpr"]["alpha"], paper["cpr"]["neg_grad"]) == ("difference", 0.01, "all")
+    cpr = paper["cpr"]
+    assert (cpr["form"], cpr["alpha"], cpr["neg_grad"], paper["router"]["balance"]) == \
+        ("difference", 0.01, "all", "none")
     explicit = load_config("demo", overrides=["cpr.recipe=paper", "cpr.alpha=0.5"])
     assert explicit["cpr"]["alpha"] == 0.5
     # A baseline asking for the paper recipe gets the paper's settings whatever the main run used.
@@ -177,7 +174,8 @@ def test_relative_alpha_warmup_and_ramp(tmp_path):
 
 def test_aux_loss_and_gradient_modes_train(tmp_path):
     config = load_config("demo", overrides=[*SMALL, "train.iterations=2", "router.balance=aux_loss",
-                                            "cpr.neg_grad=prompts", "cpr.anchor_grad=false", "cpr.distance=l1"])
+                                            "cpr.neg_grad=prompts", "cpr.anchor_grad=false",
+                                            "cpr.distance=l1"])
     history = Trainer(config, tmp_path, log=lambda message: None).fit()
     assert all(0 < h["router_aux"] < 0.01 * 3 * 5 for h in history)    # aux_weight * levels * [.., n]
     assert all(math.isfinite(h["loss"]) for h in history)

@@ -9,26 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_runs import TINY_RUN, as_sets
 
 from cpl_fast.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = ["objective=l1", "data.crop=32", "data.batch=2", "train.iterations=2", "checkpoint.every=1",
-            "logging.progress=false", "logging.tensorboard=false", "eval.before_after=false",
-            "report.enabled=false", "baselines={}", "threads=1", "data.num_workers=0"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _sets(settings):
-    return [item for s in settings for item in ("--set", s)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -45,7 +31,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 def test_two_runs_started_together_get_their_own_folders(tmp_path):
     """Both at once, with the same name and root: two folders, two complete runs."""
     settings = [*TINY_RUN, f"run.root={tmp_path / 'runs'}", "name=same"]
-    jobs = [_start("--preset", "demo", *_sets(settings)) for _ in range(2)]
+    jobs = [_start("--preset", "demo", *as_sets(settings)) for _ in range(2)]
     outs = [job.communicate(timeout=300) for job in jobs]
     for job, (out, err) in zip(jobs, outs):
         assert job.returncode == 0, out + err
@@ -62,19 +48,19 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path):
 def test_a_default_name_taken_in_the_same_second_gets_a_new_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "strftime", lambda fmt, *args: "20260101-120000")
     settings = [*TINY_RUN, f"run.root={tmp_path}", "name=same", "train.iterations=1"]
-    assert main(["--preset", "demo", *_sets(settings)]) == 0
-    assert main(["--preset", "demo", *_sets(settings)]) == 0
+    assert main(["--preset", "demo", *as_sets(settings)]) == 0
+    assert main(["--preset", "demo", *as_sets(settings)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same-20260101-120000", "same-20260101-120000-2"]
 
 
 def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
     run = tmp_path / "run"
     first = _start("--preset", "demo", "--run-dir", str(run),
-                   *_sets([*TINY_RUN, "train.iterations=100000", "checkpoint.every=100000", "seed=1"]))
+                   *as_sets([*TINY_RUN, "train.iterations=100000", "checkpoint.every=100000", "seed=1"]))
     try:
         line = first.stdout.readline()
         assert line.startswith("run folder: "), line + first.stderr.read()
-        fresh = ["--preset", "demo", "--run-dir", str(run), *_sets([*TINY_RUN, "seed=2"])]
+        fresh = ["--preset", "demo", "--run-dir", str(run), *as_sets([*TINY_RUN, "seed=2"])]
         for args in (fresh, [*fresh, "--overwrite"], ["--resume", str(run)]):
             second = _start(*args)
             _, err = second.communicate(timeout=300)
@@ -89,14 +75,14 @@ def test_a_second_writer_is_refused_while_a_run_holds_the_folder(tmp_path):
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run_unless_overwrite(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["--preset", "demo", "--run-dir", str(run), *_sets([*TINY_RUN, "train.iterations=3"])]) == 0
+    assert main(["--preset", "demo", "--run-dir", str(run), *as_sets([*TINY_RUN, "train.iterations=3"])]) == 0
     before = _snapshot(run)
     capsys.readouterr()
-    assert main(["--preset", "demo", "--run-dir", str(run), *_sets(TINY_RUN)]) == 2
+    assert main(["--preset", "demo", "--run-dir", str(run), *as_sets(TINY_RUN)]) == 2
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
     assert _snapshot(run) == before  # untouched
-    assert main(["--preset", "demo", "--run-dir", str(run), "--overwrite", *_sets(TINY_RUN)]) == 0
+    assert main(["--preset", "demo", "--run-dir", str(run), "--overwrite", *as_sets(TINY_RUN)]) == 0
     # Nothing of the old run is mixed in: its step 3 is gone, the config and result are the new run's.
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
     assert "iterations: 2" in (run / "config.yaml").read_text()
@@ -106,7 +92,7 @@ def test_a_fresh_run_refuses_a_folder_that_holds_a_run_unless_overwrite(tmp_path
 def test_an_empty_existing_folder_is_a_fine_run_folder(tmp_path):
     (tmp_path / "run").mkdir()
     settings = [*TINY_RUN, "train.iterations=1"]
-    assert main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *_sets(settings)]) == 0
+    assert main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *as_sets(settings)]) == 0
 
 
 @pytest.mark.parametrize("setting", ["name=../../escaped", "name=/abs", "name=a/b",
@@ -114,7 +100,7 @@ def test_an_empty_existing_folder_is_a_fine_run_folder(tmp_path):
 def test_names_cannot_leave_the_run_root(tmp_path, capsys, monkeypatch, setting):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "root").mkdir()
-    code = main(["--preset", "demo", *_sets([*TINY_RUN, "run.root=root/runs", setting])])
+    code = main(["--preset", "demo", *as_sets([*TINY_RUN, "run.root=root/runs", setting])])
     assert code == 2
     assert "must be a plain folder name" in capsys.readouterr().err
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["root"]

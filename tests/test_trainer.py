@@ -53,7 +53,7 @@ def test_few_steps_write_checkpoints_and_tensorboard(tmp_path, objective):
     info = json.loads((folder / "state.json").read_text())
     assert info["step"] == 3 and info["objective"] == objective and info["sampler"]["start"] == 6
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    fresh = build_model("tiny")
+    fresh = build_model("tiny", route_bias=True)     # the demo's router is bias-balanced
     read_checkpoint(folder, fresh)
     for key, value in trainer.model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value)
@@ -101,8 +101,8 @@ def test_accumulation_ema_and_clipping_run(tmp_path):
     assert trainer.batches_in_epoch == 4 and trainer.step == 2
     folder = latest_checkpoint(tmp_path)
     assert (folder / "ema.safetensors").is_file()
-    ema = build_model("tiny")
-    read_checkpoint(folder, build_model("tiny"), ema=ema)
+    ema = build_model("tiny", route_bias=True)
+    read_checkpoint(folder, build_model("tiny", route_bias=True), ema=ema)
     for key, value in trainer.ema.module.state_dict().items():
         assert torch.equal(ema.state_dict()[key], value)
 
@@ -123,7 +123,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
         trainer.save()
     assert latest_checkpoint(tmp_path).name == "step_00000002"
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
-    model = build_model("tiny")
+    model = build_model("tiny", route_bias=True)
     info, state = read_checkpoint(latest_checkpoint(tmp_path), model)
     assert info["step"] == 2 and "optimizer" in state
     for key, value in saved.items():

@@ -145,7 +145,8 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
                 images = model.decode(_repeat_rows(neg_state, copies), entries)
             neg_images.append(images.detach())
             if not pos_feats:
-                images = torch.cat([restored, images])    # phi still sees positives and negatives in one batch
+                # phi still sees positives and negatives in one batch
+                images = torch.cat([restored, images])
         with negative_pass(model, neg_grad) if neg_grad == "none" else contextlib.nullcontext():
             feats = features(images)
         if not pos_feats:

@@ -98,6 +98,18 @@ def standing(runs: Sequence[RunResult]) -> list[str]:
     return lines
 
 
+def _last_health(history: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The newest value of each training-health signal in a run's history."""
+    found: dict[str, float] = {}
+    for entry in reversed(history):
+        for key, value in entry.items():
+            healthy = (key in ("prompt_gap", "grad_ratio")
+                       or key.startswith(("usage_entropy_l", "task_info_l")))
+            if healthy and key not in found and value is not None and math.isfinite(value):
+                found[key] = value
+    return dict(sorted(found.items()))
+
+
 def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> str:
     out = [f"# {title}", ""]
     out += [f"{note}" for note in notes] + [""]
@@ -115,6 +127,10 @@ def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> st
             first, last = run.history[0], run.history[-1]
             out += [f"Training loss: {first['loss']:.4f} at step {int(first['step'])}, {last['loss']:.4f} at "
                     f"step {int(last['step'])} (L1 {first['l1']:.4f} -> {last['l1']:.4f}).", ""]
+            health = _last_health(run.history)
+            if health:
+                out += ["Training health at the end (docs/CPR.md): "
+                        + ", ".join(f"{key} {value:.2f}" for key, value in health.items()) + ".", ""]
         if not run.after:
             out += ["No test split: nothing evaluated.", ""]
             continue

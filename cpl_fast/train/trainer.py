@@ -461,8 +461,8 @@ class Trainer:
 
     def _resume(self) -> None:
         # The newest checkpoint that reads whole (an older one, with a warning, when it is damaged).
-        folder, info, state = load_newest_checkpoint(self.run_dir, self.model,
-                                                     self.ema.module if self.ema else None, map_location="cpu")
+        ema = self.ema.module if self.ema else None
+        folder, info, state = load_newest_checkpoint(self.run_dir, self.model, ema, map_location="cpu")
         if info["world_size"] != self.info.world_size:
             raise ConfigError(f"checkpoint {folder} was written by {info['world_size']} process(es); resume "
                               f"it with the same number (this job has {self.info.world_size})")
@@ -596,7 +596,8 @@ class Trainer:
                     aux = self._router_loss(out)
                     if aux is not None:
                         loss = loss + aux
-                        extras["router_aux"] = extras.get("router_aux", 0.0) + float(aux.detach()) / accumulate
+                        extras["router_aux"] = (extras.get("router_aux", 0.0)
+                                                + float(aux.detach()) / accumulate)
                 if micro == 0 and self.health.wants_grad_ratio(self.step, out, self.info.enabled):
                     extras["grad_ratio"] = self.health.grad_ratio(out)
                 self.scaler.scale(loss / accumulate).backward()
