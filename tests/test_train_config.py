@@ -11,6 +11,7 @@ from cpl_fast.eval import entropy_bits, pad_to_multiple, psnr, ssim
 from cpl_fast.train.config import (
     DEFAULTS,
     PRESET_NAMES,
+    RECIPES,
     ConfigError,
     apply_overrides,
     dump_yaml,
@@ -68,7 +69,9 @@ def test_overrides_are_typed_yaml_and_dotted():
     assert config["optim"]["lr"] == pytest.approx(1e-3) and isinstance(config["optim"]["lr"], float)
     assert config["data"]["batch"] == 3 and config["model"]["k"] is None
     assert config["data"]["augment"] is False
-    assert config["optim"]["betas"] == [0.5, 0.9] and config["model"]["overrides"] == {"dim": 16}
+    assert config["optim"]["betas"] == [0.5, 0.9]
+    # The default recipe balances sparse routers, which builds the model with selection biases.
+    assert config["model"]["overrides"] == {"dim": 16, "route_bias": True}
     # Siblings survive a deep override.
     assert config["data"]["crop"] == load_config("demo")["data"]["crop"]
 
@@ -154,10 +157,17 @@ def test_set_dotted_creates_entries_below_free_mappings():
     assert config == {"baselines": {"sparse_l1": {"objective": "l1"}}}
 
 
-def test_defaults_are_the_paper_recipe_and_name_every_section():
-    sections = {"model", "cpr", "optim", "schedule", "data", "train", "checkpoint", "ema", "logging"}
+def test_defaults_name_every_section_and_the_paper_form_is_one_setting():
+    sections = {"model", "cpr", "router", "health", "optim", "schedule", "data", "train", "checkpoint", "ema",
+                "logging"}
     assert sections <= set(DEFAULTS)
-    assert DEFAULTS["cpr"]["sampler"] == "mismatched_experts" and DEFAULTS["cpr"]["form"] == "difference"
+    assert DEFAULTS["cpr"]["sampler"] == "mismatched_experts"
+    assert DEFAULTS["cpr"]["recipe"] == "stable" and DEFAULTS["cpr"]["form"] == "hinge"
+    assert RECIPES["paper"]["cpr.form"] == "difference" and RECIPES["paper"]["router.balance"] == "none"
+    # DEFAULTS hold the default recipe's values, so reading them never contradicts the recipe.
+    for key, value in RECIPES["stable"].items():
+        section, name = key.split(".")
+        assert DEFAULTS[section][name] == value, key
 
 
 # ------------------------------------------------------------------------------------ schedule
