@@ -54,49 +54,33 @@ GAP_STRIDE = 7       # prompt gap and output range on every 7th test image (10 o
                      # the embedded test split cycles through its five tasks)
 
 
-class Subset:
-    """Every ``stride``-th item of a dataset."""
-
-    def __init__(self, dataset: Any, stride: int) -> None:
-        self.dataset, self.indices = dataset, list(range(0, len(dataset), stride))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[self.indices[index]]
-
-
-def information_from_counts(scores: dict[str, Any]) -> list[float]:
+def task_information(scores: dict[str, Any]) -> list[float]:
     """Per level, the task-expert mutual information (bits) from ``evaluate``'s per-task counts."""
     import torch
 
-    from cpl_fast.eval.metrics import entropy_bits
+    from cpl_fast.eval.health import information_from_counts
 
-    tasks = list(scores)
-    out = []
-    for level in range(len(scores[tasks[0]]["levels"])):
-        counts = [torch.tensor(scores[t]["levels"][level]["counts"], dtype=torch.float64) for t in tasks]
-        sizes = [float(c.sum()) for c in counts]
-        pooled = entropy_bits(torch.stack(counts).sum(dim=0))
-        within = sum(size * entropy_bits(c) for size, c in zip(sizes, counts)) / sum(sizes)
-        out.append(max(0.0, pooled - within))
-    return out
+    levels = len(next(iter(scores.values()))["levels"])
+    return [information_from_counts([torch.tensor(s["levels"][level]["counts"]) for s in scores.values()])
+            for level in range(levels)]
 
 
 def score(run_dir: Path) -> dict[str, Any]:
     """PSNR/SSIM per task, task-expert information and prompt gap of a finished run."""
     import torch
+    from torch.utils.data import Subset
 
     from cpl_fast.eval.cli import test_dataset
     from cpl_fast.eval.evaluate import average, evaluate, score_inputs
     from cpl_fast.eval.health import eval_prompt_gap
+    from cpl_fast.eval.inference import restore_image
     from cpl_fast.eval.loading import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(run_dir)
     config = loaded.run_config
     dataset = test_dataset(config)
+    sample = Subset(dataset, range(0, len(dataset), GAP_STRIDE))
     model = loaded.model
     scores = evaluate(model, dataset, protocol="promptir")
     inputs = score_inputs(dataset, protocol="promptir")
@@ -116,19 +100,13 @@ def score(run_dir: Path) -> dict[str, Any]:
         "inputs_average": average(inputs),
         "train": {key: mean_of(key, tail) for key in ("l1", "cpr", "l_pos", "l_neg", "prompt_gap", "alpha")},
         "grad_ratio": mean_of("grad_ratio", history),
-        "output_range": None,
     }
     if getattr(model, "top_k", None) is not None:
-        out["task_information"] = information_from_counts(scores)
-        out["prompt_gap"] = eval_prompt_gap(model, Subset(dataset, GAP_STRIDE))["all"]
+        out["task_information"] = task_information(scores)
+        out["prompt_gap"] = eval_prompt_gap(model, sample)["all"]
     # The range of the raw (unclipped) restorations: artefacts show up as values far outside [0, 1].
-    from cpl_fast.eval.inference import restore_image
-
-    low, high = math.inf, -math.inf
-    for index in range(0, len(dataset), GAP_STRIDE):
-        image = restore_image(model, dataset[index]["input"]).image
-        low, high = min(low, float(image.min())), max(high, float(image.max()))
-    out["output_range"] = [low, high]
+    raw = [restore_image(model, item["input"]).image for item in sample]
+    out["output_range"] = [min(float(r.min()) for r in raw), max(float(r.max()) for r in raw)]
     return out
 
 

@@ -138,6 +138,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:
+    """``path`` when a file can be written there (checked before long work): ValueError when it is a
+    folder, lies under a file, or its nearest existing folder is not writable."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path} cannot be written: folder {parent} is not writable")
+    return path
+
+
 def write_png(path: str | os.PathLike, image: torch.Tensor | np.ndarray) -> None:
     """Write an image as an 8-bit PNG, atomically (see :func:`to_uint8` for shapes and rounding)."""
     path = Path(path)

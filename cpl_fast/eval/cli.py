@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cpl_fast.data.io import check_writable_file
 from cpl_fast.eval.inference import AMP_MODES, DEFAULT_OVERLAP
 
 TILE_HELP = ("tile size for large images (a multiple of the model's size multiple), 'auto' (whole image, "
@@ -222,16 +222,10 @@ def _check_output_file(path: str | None, option: str) -> None:
     """Before the work: ``option``'s file must not be a folder, and its folder must be creatable."""
     if path is None:
         return
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(f"{option} {path} is a folder; give a file name")
-    parent = target.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{option} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {path}: folder {parent} is not writable")
+    try:
+        check_writable_file(path, option)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _write_output(path: str, data: bytes, prog: str) -> int:

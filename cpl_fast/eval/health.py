@@ -36,17 +36,24 @@ def _batch_psnr(image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 10.0 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
+def information_from_counts(per_task: Sequence[torch.Tensor]) -> float:
+    """Mutual information (bits) between task and expert from each task's expert histogram ``(n,)``:
+    the pooled histogram's entropy minus the selection-weighted mean of the per-task ones."""
+    counts = [c.double() for c in per_task]
+    sizes = [float(c.sum()) for c in counts]
+    total = sum(sizes)
+    if total == 0:
+        return 0.0
+    pooled = entropy_bits(torch.stack(counts).sum(dim=0))
+    within = sum(size * entropy_bits(c) for size, c in zip(sizes, counts)) / total
+    return max(0.0, pooled - within)
+
+
 def task_expert_information(indices: torch.Tensor, task_ids: torch.Tensor, n: int) -> float:
     """Mutual information (bits) between the task and the selected expert of ``indices (N, k)``."""
     tasks = task_ids.flatten().to(indices.device)
-    counts = torch.bincount(indices.flatten(), minlength=n).double()
-    pooled = entropy_bits(counts)
-    within = 0.0
-    for task in torch.unique(tasks):
-        rows = indices[tasks == task]
-        within += rows.shape[0] * entropy_bits(torch.bincount(rows.flatten(), minlength=n).double())
-    within /= max(indices.shape[0], 1)
-    return max(0.0, pooled - within)
+    return information_from_counts([torch.bincount(indices[tasks == task].flatten(), minlength=n)
+                                    for task in torch.unique(tasks)])
 
 
 def routing_health(indices: torch.Tensor, task_ids: torch.Tensor | None, n: int) -> dict[str, Any]:

@@ -12,8 +12,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cpl_fast.data.io import check_writable_file
 from cpl_fast.export._deps import MissingDependency
-from cpl_fast.export.onnx_export import DEFAULT_OPSET, check_opset, check_output_file
+from cpl_fast.export.onnx_export import DEFAULT_OPSET, check_opset
 from cpl_fast.export.trt import MODULES, OnnxParseError, Profile
 
 
@@ -93,7 +94,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
         raise ValueError("--height needs --width")
     size = None if args.dynamic else (args.height, args.width)
     check_opset(args.opset)  # before the checkpoint is loaded and the graph traced
-    check_output_file(args.output, "-o")
+    check_writable_file(args.output, "-o")
     config = None if args.model is None else {"preset": args.model, "k": None, "n": None, "overrides": {}}
     loaded = load_model(args.ckpt, config)
     for note in loaded.notes:
@@ -113,7 +114,7 @@ def _build_trt(args: argparse.Namespace) -> None:
     if any(s is not None for s in given) and not all(s is not None for s in given):
         raise ValueError("give all three of --min, --opt and --max, or none")
     profile = Profile(args.min, args.opt, args.max) if args.min is not None else None
-    check_output_file(args.output, "-o")
+    check_writable_file(args.output, "-o")
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     build = build_engine(args.onnx, args.output, precision=precision, profile=profile, module=args.module,
                          optimization_level=args.optimization_level, workspace_mib=args.workspace_mib)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cpl_fast.data.io import check_writable_file
 from cpl_fast.export._deps import require
 from cpl_fast.export.graph import InferenceGraph, check_size
 from cpl_fast.models.promptir import SparsePromptIR
@@ -75,21 +76,6 @@ def check_opset(opset: object) -> int:
     return opset
 
 
-def check_output_file(path: str | os.PathLike, what: str = "output") -> Path:
-    """``path`` when a file can be written there: ValueError when it is a folder or lies under a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{what} {path} is a folder; give a file name")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{what} {path} cannot be written: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path} cannot be written: folder {parent} is not writable")
-    return path
-
-
 def _scatter_add_one_hot(self: torch.Tensor, dim: int, index: torch.Tensor,
                          src: torch.Tensor) -> torch.Tensor:
     """``self.scatter_add(dim, index, src)`` for ``(B, n)`` tensors along ``dim = 1``, as compare-and-sum.
@@ -117,7 +103,7 @@ def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int,
     onnx = require("onnx", "export")
     require("onnxscript", "export")
     check_opset(opset)
-    check_output_file(path)
+    check_writable_file(path)
     if not isinstance(model, SparsePromptIR):
         raise TypeError(f"export_onnx: expected a SparsePromptIR, got {type(model).__name__}")
     multiple = model.size_multiple

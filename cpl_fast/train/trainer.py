@@ -403,8 +403,7 @@ class Trainer:
             return StepContext(None, None, None, 0, generator)
         features = build_features(cpr["features"], **cpr["feature_options"]).to(self.device, self.dtype)
         cpr_loss = CPRLoss(alpha=cpr["alpha"], form=cpr["form"], distance=cpr["distance"],
-                           anchor_grad=cpr["anchor_grad"], margin=cpr["margin"],
-                           tau=cpr["tau"] if cpr["tau"] is not None else None)
+                           anchor_grad=cpr["anchor_grad"], margin=cpr["margin"], tau=cpr["tau"])
         _, n = model_k_n(self.config)
         if cpr["sampler"] == "other_task":
             sampler = build_sampler("other_task", num_tasks=self.num_tasks, memory_size=cpr["memory_size"])
