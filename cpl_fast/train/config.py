@@ -76,6 +76,8 @@ DEFAULTS: dict[str, Any] = {
         "features": "vgg19",       # frozen feature extractor
         "feature_options": {},     # keyword arguments of the extractor (weights, layers)
         "neg_chunk": None,         # objective fast: negatives decoded per pass (None: all in one pass)
+        "negatives_per_step": None,  # objective fast: decode r of the m negatives per step, drawn
+                                     # uniformly (None: all m); the difference form's expectation is unchanged
     },
     "router": {
         "balance": "auto",         # auto (bias for sparse routing, none for dense) | none | aux_loss
@@ -512,6 +514,12 @@ def validate(config: Mapping[str, Any]) -> None:
     _need(cpr["neg_chunk"] is None or config["objective"] in ("fast", "auto"),
           f"cpr.neg_chunk chunks the negatives of objective fast; objective {config['objective']!r} "
           f"does not take it")
+    _check_int(config, "cpr.negatives_per_step", 1, optional=True)
+    _need(cpr["negatives_per_step"] is None or config["objective"] in ("fast", "auto"),
+          f"cpr.negatives_per_step subsamples the negatives of objective fast; objective "
+          f"{config['objective']!r} does not take it")
+    _need(cpr["negatives_per_step"] is None or cpr["negatives_per_step"] <= cpr["m"],
+          f"cpr.negatives_per_step={cpr['negatives_per_step']} must be <= cpr.m={cpr['m']}")
     if config["objective"] != "l1" and cpr["sampler"] == "mismatched_experts" and n is not None:
         _need(cpr["m"] <= n - 1, f"cpr.m={cpr['m']} negatives with sampler mismatched_experts need "
                                  f"m <= n - 1 = {n - 1} (each negative uses a different other expert)")

@@ -19,6 +19,7 @@ with batch ``N b`` computes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import math
@@ -210,6 +211,8 @@ class StepModule(nn.Module):
         extra = {} if context.neg_chunk is None else {"neg_chunk": context.neg_chunk}
         if context.neg_grad != "all":
             extra["neg_grad"] = context.neg_grad
+        if context.negatives_per_step is not None:
+            extra["negatives_per_step"] = context.negatives_per_step
         return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
                          sampler=context.sampler, m=context.m, generator=context.generator, **extra)
 
@@ -226,6 +229,7 @@ class StepContext:
     neg_chunk: int | None = None  # objective fast only
     neg_grad: str = "all"         # where the negatives' gradient goes (cpl_fast.train.negative_grad)
     l1_only: bool = False         # CPR warm-up: this step is plain L1
+    negatives_per_step: int | None = None  # objective fast only: negatives decoded per step
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -413,7 +417,9 @@ class Trainer:
         if self.info.enabled:
             sampler = GlobalBatchSampler(sampler, self.info)
         neg_chunk = cpr["neg_chunk"] if self.objective == "fast" else None
-        return StepContext(features, cpr_loss, sampler, cpr["m"], generator, neg_chunk, cpr["neg_grad"])
+        per_step = cpr["negatives_per_step"] if self.objective == "fast" else None
+        return StepContext(features, cpr_loss, sampler, cpr["m"], generator, neg_chunk, cpr["neg_grad"],
+                           negatives_per_step=per_step)
 
     def _total_steps(self) -> int:
         train = self.config["train"]
@@ -531,8 +537,7 @@ class Trainer:
         saved_alpha, saved_tau = loss.alpha, loss.tau
         generator = torch.Generator(device=self.context.generator.device)
         generator.set_state(self.context.generator.get_state())
-        context = StepContext(self.context.features, loss, self.context.sampler, self.context.m, generator,
-                              self.context.neg_chunk, self.context.neg_grad)
+        context = dataclasses.replace(self.context, generator=generator, l1_only=False)
         loss.alpha, loss.tau = 1.0, saved_tau or 1.0
         try:
             with self._autocast():
