@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from cpl_fast.atomic_files import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -115,27 +116,6 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
             raise ValueError("image contains NaN or infinite values")
         out = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
     return out[:, :, 0] if out.ndim == 3 and out.shape[2] == 1 else out
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
-
-    Readers never see a half-written file, and an interrupted write leaves the old file intact.
-    The parent folder is created when missing.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def check_writable_file(path: str | os.PathLike, what: str = "output") -> Path:

@@ -13,7 +13,6 @@ The six 1x1 convolutions the published PromptIR builds but never uses are droppe
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from cpl_fast.atomic_files import atomic_path
 
 # Built by the published PromptIR class, never used in its forward.
 UNUSED_OFFICIAL_KEYS = frozenset({
@@ -115,16 +116,9 @@ def save_model_state(model: nn.Module, path: str | os.PathLike,
     if path.suffix != ".safetensors":
         raise ValueError(f"save_model_state: the file name must end in .safetensors, got {path.name}")
     tensors = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        info = {"format": "cpl_fast", "model": type(model).__name__, **(metadata or {})}
+    info = {"format": "cpl_fast", "model": type(model).__name__, **(metadata or {})}
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=info)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
     return path
 
 

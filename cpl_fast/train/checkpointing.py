@@ -37,7 +37,6 @@ import re
 import shutil
 import struct
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -47,7 +46,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpl_fast.data.io import atomic_write_bytes
+from cpl_fast.atomic_files import atomic_write_bytes, temporary_folder
 from cpl_fast.models import load_checkpoint, save_model_state
 
 CHECKPOINT_DIR = "checkpoints"
@@ -161,7 +160,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, trainer_st
         shutil.rmtree(stale, ignore_errors=True)
     name = checkpoint_name(step)
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{name}-", dir=root))
+    tmp = temporary_folder(root, f"{_TMP_PREFIX}{name}-")
     try:
         files = [MODEL_FILE]
         save_model_state(model, tmp / MODEL_FILE)
