@@ -33,6 +33,9 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
+    # Why ``after`` is empty: "no test split", "eval.before_after is false", ...
+    not_evaluated: str = ""
+    validations: list[dict[str, float]] = field(default_factory=list)  # eval.every: one per validation
 
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(path, json.dumps(asdict(self), indent=1).encode("utf-8"))
@@ -55,7 +58,7 @@ def summary_text(runs: Sequence[RunResult]) -> str:
         lines.append(f"== {run.name}: model {run.model}, {_routing_kind(run)}, objective {run.objective}, "
                      f"{run.steps} steps, {run.wall_s:.0f} s")
         if not run.after:
-            lines.append("   (no test split: nothing evaluated)")
+            lines.append(f"   (nothing evaluated: {run.not_evaluated or 'no test split'})")
             continue
         lines.append(f"   {'task':<12} {'PSNR before':>11} {'after':>7} {'SSIM before':>11} {'after':>7}   "
                      f"selection entropy per level, bits (before -> after)")
@@ -132,7 +135,7 @@ def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> st
                 out += ["Training health at the end (docs/CPR.md): "
                         + ", ".join(f"{key} {value:.2f}" for key, value in health.items()) + ".", ""]
         if not run.after:
-            out += ["No test split: nothing evaluated.", ""]
+            out += [f"Nothing evaluated: {run.not_evaluated or 'no test split'}.", ""]
             continue
         out += ["| task | images | PSNR before | PSNR after | SSIM before | SSIM after |",
                 "|---|---|---|---|---|---|"]
