@@ -21,6 +21,20 @@ whose prompt modules take callable routing entries (``accepts_routing_callables`
 sampler's full call, and the negatives decoded in a second pass: the same rows and the same result.
 The second pass is also taken whenever ``neg_grad`` is not ``all``: the negatives are then decoded
 inside ``negative_pass`` (from a detached encoder state where the mode keeps the shared network out).
+
+``negatives_per_step=r`` (``r < m``) decodes only ``r`` of the ``m`` negatives: before anything
+else the step draws ``r`` distinct negative slots uniformly (``draw_negative_subset``, with the
+step's generator); the ``m`` negatives are then drawn (or given) as usual, and only the chosen
+slots are decoded and enter ``L_neg``, as the mean over the ``r`` of them (with their columns of
+``neg_weights``). Each slot is kept with probability ``r / m``, so that mean is an unbiased estimate
+of the full step's ``(1/m) sum_t w_t D_t`` per layer. The paper's ``difference`` form is linear in
+``L_neg``, so its expected loss and expected gradient over the draw equal the full step's exactly.
+The other forms are convex in ``L_neg`` (``ratio``: ``L_pos / (L_neg + eps)`` per layer;
+``hinge``: ``relu(margin L_pos - L_neg)``; ``logistic``: ``softplus((L_pos - L_neg) / tau)``), so
+their expected loss is at least the full step's (Jensen) and their expected gradient is the
+gradient of that expectation (e.g. the expectation of a mean of hinges, each active on its own
+draw), not the full step's: an r-subsampled hinge still pushes a sample's negatives on draws where
+the full step's hinge is already satisfied, and the other way round.
 """
 from __future__ import annotations
 
@@ -67,16 +81,41 @@ def _first_rows(routing: Routing, rows: int) -> Routing:
     return Routing(routing.indices[:rows], routing.weights[:rows], probs)
 
 
+def draw_negative_subset(m: int, r: int | None, generator: torch.Generator | None = None) -> list[int] | None:
+    """The ``r`` negative slots (sorted) a step decodes out of ``m``, uniform without replacement.
+
+    ``None`` (all ``m``, nothing drawn) when ``r`` is None or ``r == m``: the full step itself.
+    Raises ``ValueError`` unless ``r`` is an int with ``1 <= r <= m``.
+    """
+    if r is None:
+        return None
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= m:
+        raise ValueError(f"negatives_per_step must be None or an int with 1 <= negatives_per_step <= m={m}, "
+                         f"got {r!r}")
+    if r == m:
+        return None
+    device = generator.device if generator is not None else torch.device("cpu")
+    return sorted(torch.randperm(m, generator=generator, device=device)[:r].tolist())
+
+
 def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                   sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None, neg_chunk: int | None = None,
-                  neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
+                  neg_weights: torch.Tensor | None = None, neg_grad: str = "all",
+                  negatives_per_step: int | None = None) -> CPLStepOutput:
     """One CPL step with the encoder shared by the positive and its negatives. Does not call ``backward``.
 
     Same arguments and result as ``literal_cpl_step``; ``negatives`` drawn with the same
     ``generator`` seed are the same. ``neg_chunk``: decode (and run ``phi`` on) at most that many
     negatives per pass, to bound the size of one pass; same result. ``neg_grad``: see
     ``cpl_fast.train.negative_grad``.
+
+    ``negatives_per_step``: decode only that many (``r``) of the ``m`` negatives, drawn uniformly
+    without replacement with ``generator`` before anything else (see the module docstring: the
+    ``difference`` form's expected loss and gradient equal the full step's; the convex forms'
+    expected loss is at least the full step's). ``negatives`` and ``neg_weights`` still describe all
+    ``m``; the result's ``negatives``, ``negative_images`` and ``l_neg`` are those of the ``r``
+    decoded ones. None or ``m``: the full step.
     """
     check_mode(neg_grad)
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
@@ -84,7 +123,11 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     degraded, target, task_ids = unpack_batch(batch)
     size = degraded.shape[0]
     check_neg_weights(neg_weights, size, m)
-    chunks = _chunks(m, neg_chunk)
+    subset = draw_negative_subset(m, negatives_per_step, generator)
+    kept = list(range(m)) if subset is None else subset     # the negative slots decoded
+    if subset is not None and neg_weights is not None:
+        neg_weights = neg_weights[:, kept]
+    chunks = _chunks(len(kept), neg_chunk)
     levels = model.num_prompt_levels
     one_pass = getattr(model, "accepts_routing_callables", False) and neg_grad == "all"
     if negatives is not None:
@@ -107,7 +150,8 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     routing_slots: list[Routing | None] = [None] * levels
 
     def with_positives(level: int, start: int, stop: int):
-        """Level entry of the pass that holds the positive rows: their own routing, then the negatives'."""
+        """Level entry of the pass that holds the positive rows: their own routing, then the negatives'
+        of slots ``kept[start:stop]`` (all ``m`` are drawn, so the draws do not depend on ``kept``)."""
         def entry(own: Routing) -> Routing:
             positive = _first_rows(own, size)
             routing_slots[level] = positive
@@ -116,7 +160,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
                                                     generator=generator)
                 for t in range(m):
                     drawn[t][level] = per_negative[t]
-            return _cat_rows([positive] + [drawn[t][level] for t in range(start, stop)])
+            return _cat_rows([positive] + [drawn[t][level] for t in kept[start:stop]])
         return entry
 
     with torch.no_grad():
@@ -134,7 +178,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
         if decode_positives:
             entries = [with_positives(level, start, stop) for level in range(levels)]
         else:
-            entries = [_cat_rows([drawn[t][level] for t in range(start, stop)]) for level in range(levels)]
+            entries = [_cat_rows([drawn[t][level] for t in kept[start:stop]]) for level in range(levels)]
         if decode_positives:
             images = model.decode(_repeat_rows(state, copies), entries)
             restored = images[:size]
@@ -157,6 +201,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     neg_feats = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*neg_parts)]
     terms = cpr_loss(pos_feats, gt_feats, neg_feats, neg_weights)
     l1 = (restored - target).abs().mean()
+    used = drawn if subset is None else [drawn[t] for t in kept]
     return CPLStepOutput(loss=l1 + terms.loss, l1=l1, cpr=terms.loss, l_pos=terms.l_pos, l_neg=terms.l_neg,
-                         restored=restored, routing=routing, negatives=drawn,
-                         negative_images=torch.cat(neg_images).view(m, size, *restored.shape[1:]))
+                         restored=restored, routing=routing, negatives=used,
+                         negative_images=torch.cat(neg_images).view(len(kept), size, *restored.shape[1:]))

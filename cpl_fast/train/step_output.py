@@ -13,8 +13,9 @@ class CPLStepOutput(NamedTuple):
 
     ``loss = l1 + cpr`` (scalars); ``l_pos``, ``l_neg`` ``(B,)``: the layer-weighted contrastive
     distances, for logging; ``restored``: the positive restorations ``(B, ...)``; ``routing``: the
-    positive's per-level batched routing; ``negatives``: the ``m`` per-level forced routings used;
-    ``negative_images``: the negatives' restorations ``(m, B, ...)``, detached (for the prompt gap;
+    positive's per-level batched routing; ``negatives``: the ``m`` per-level forced routings used
+    (the ``r`` decoded ones under ``fast_cpl_step(negatives_per_step=r)``); ``negative_images``: the
+    negatives' restorations ``(m, B, ...)`` (``(r, B, ...)`` likewise), detached (for the prompt gap;
     None where a step decoded none).
     """
 
