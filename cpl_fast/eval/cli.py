@@ -66,8 +66,9 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
                              "Lightning .ckpt, CPL BasicSR .pth, state dict, .safetensors)"
                              + ("; repeat to compare several" if several else ""))
     parser.add_argument("--model", metavar="PRESET",
-                        help="model preset (tiny, tiny_dense, cpl, promptir); default: the run's, else "
-                             "promptir for Lightning checkpoints and cpl otherwise")
+                        help="model preset (tiny, tiny_dense, cpl, promptir); default: the run's, else the "
+                             "checkpoint's, read from the weights (dense for Lightning checkpoints, top-1 "
+                             "otherwise); a --preset's model never replaces the checkpoint's")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
                         help="override a setting as in cpl-train, e.g. --set model.k=2 "
                              "--set data.test_split=x")
@@ -113,10 +114,17 @@ class UsageError(ValueError):
 
 # ------------------------------------------------------------------------------ config and models
 
-def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_data: bool) -> dict[str, Any]:
-    """The effective config: preset/config files, else the run's; the model from --model / the run."""
+def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_data: bool,
+            weights_model: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The effective config and notes: preset/config files, else the run's; the model from --model,
+    the run, else the checkpoint (``weights_model``, read from the weights), --set model.* on top.
+
+    A --preset / --config names a benchmark; its model section does not replace what a checkpoint
+    says about its own model: the checkpoint's wins, with a note when the two differ.
+    """
     from cpl_fast.train.config import DEFAULTS, load_config, parse_override, set_dotted, validate
 
+    notes: list[str] = []
     explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
     if explicit:
         config = load_config(args.preset, args.config, [], getattr(args, "data", None))
@@ -134,28 +142,52 @@ def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_da
         config["data"]["layout"] = "embedded"
     if args.model is not None:
         config["model"] = {"preset": args.model, "k": None, "n": None, "overrides": {}}
-    for text in args.overrides:
-        set_dotted(config, *parse_override(text))
+    from_weights = args.model is None and run_config is None and weights_model is not None
+    if from_weights and explicit:
+        from cpl_fast.eval.loading import preset_model_note
+
+        where = f"--preset {args.preset}" if getattr(args, "preset", None) else "--config"
+        note = preset_model_note(where, config["model"], weights_model)
+        notes += [note] if note else []
+    settings = [parse_override(text) for text in args.overrides]
+    model_settings = [(key, value) for key, value in settings if key.startswith("model.")]
+    for key, value in settings:
+        if not (from_weights and key.startswith("model.")):
+            set_dotted(config, key, value)
     validate(config)
-    return config
+    if from_weights:
+        # The checkpoint's model with --set model.* applied. validate's checks that tie the model to
+        # training (cpr.m against the number of prompts, ...) are the benchmark's, not this model's;
+        # its own settings are checked when it is built.
+        holder = {"model": copy.deepcopy(weights_model)}
+        for key, value in model_settings:
+            set_dotted(holder, key, value)
+        config["model"] = holder["model"]
+    return config, notes
 
 
 def _model_section(args: argparse.Namespace, config: dict[str, Any], run_config: dict[str, Any] | None,
-                   explicit_data: bool) -> dict[str, Any] | None:
-    """The model section to build, or None for the checkpoint layout's default."""
-    chosen = args.model is not None or any(o.startswith("model.") for o in args.overrides)
-    if chosen or run_config is not None or explicit_data:
-        return config["model"]
-    return None
+                   explicit_data: bool) -> dict[str, Any]:
+    """The model section to build: the config's, which ``_config`` took from --model, the run or the
+    checkpoint (``explicit_data`` is kept for callers; a benchmark never chooses the model)."""
+    return config["model"]
 
 
 def _load(args: argparse.Namespace, ckpt: str, device: torch.device, need_data: bool):
-    from cpl_fast.eval.loading import load_model, resolve_weights
+    from cpl_fast.eval.loading import checkpoint_model, load_model, resolve_weights
 
-    _, run_config = resolve_weights(ckpt)
-    config = _config(args, run_config, need_data)
+    weights, run_config = resolve_weights(ckpt)
+    weights_model, weights_notes = None, []
+    if run_config is None and args.model is None:
+        weights_model, weights_notes = checkpoint_model(weights)
+    config, notes = _config(args, run_config, need_data, weights_model)
     explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
     loaded = load_model(ckpt, _model_section(args, config, run_config, explicit), device)
+    # Where the model came from, and what --set changed in what the weights said.
+    if weights_model is not None and config["model"] != weights_model:
+        weights_notes.append(f"--set made the model {config['model']}")
+    loaded.notes[:0] = weights_notes
+    loaded.notes.extend(notes)
     return loaded, config
 
 

@@ -11,10 +11,14 @@
   ``.ckpt``, CPL's BasicSR ``.pth`` (``params_ema`` preferred), a plain or DDP state dict,
   cpl_fast's ``.safetensors``.
 
-The architecture comes from, in order: ``--model`` / ``--set model.*``, the run's config, and
-otherwise a default by checkpoint layout: ``promptir`` (dense) for a Lightning checkpoint (the layout
-of PromptIR's release), ``cpl`` (top-1) for everything else. Sparse and dense models have the same
-parameters, so this choice cannot be read from the weights.
+The architecture comes from, in order: ``--model`` / ``--set model.*``, the run's config, the model
+section a ``cpl-convert`` file records, and otherwise the weights themselves
+(``cpl_fast.models.infer``: width, blocks, heads, prompts, selection biases, read from the shapes).
+The routing is the one thing the shapes cannot say (a router has the same parameters dense or
+top-k): selection biases imply top-1; otherwise a Lightning checkpoint (the layout of PromptIR's
+release) is taken as dense and everything else as top-1 (CPL's release), with a note saying so.
+A model that does not fit the weights is refused in two lines: what differs, and which ``--model``
+fits (or to omit it).
 """
 from __future__ import annotations
 
@@ -27,8 +31,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpl_fast.models import LoadReport, build_model, load_checkpoint
-from cpl_fast.models.checkpoint import KeyMismatchError
+from cpl_fast.models import PRESETS, LoadReport, build_model, load_checkpoint
+from cpl_fast.models.checkpoint import (
+    KeyMismatchError,
+    checkpoint_metadata,
+    read_checkpoint_file,
+    read_state_dict,
+)
+from cpl_fast.models.infer import (
+    ArchitectureError,
+    compare_text,
+    infer_architecture,
+    model_architecture,
+    model_section,
+    preset_architecture,
+    preset_top_k,
+)
 
 RUN_CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
@@ -99,10 +117,96 @@ def model_from_config(model_config: Mapping[str, Any]) -> nn.Module:
     return build_model(model_config["preset"], **kwargs)
 
 
-def _layout(raw: Mapping[str, Any]) -> str:
-    if isinstance(raw.get("state_dict"), Mapping):
-        return "lightning"
-    return "other"
+def routing_text(top_k: int | None) -> str:
+    """``dense`` or ``top-k``."""
+    return "dense" if top_k is None else f"top-{top_k}"
+
+
+def section_top_k(section: Mapping[str, Any]) -> int | None:
+    """The routing a config ``model`` section builds (None: dense)."""
+    k = section.get("k")
+    if k == "all":
+        return None
+    return preset_top_k(section["preset"]) if k is None else k
+
+
+def checkpoint_model(weights: Path, raw: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The model section for weights without a run config, and a note saying where it came from.
+
+    The section a cpl-convert file records, else the architecture read from the shapes with the
+    routing default of the module docstring. ValueError naming the file when neither works.
+    """
+    raw = read_checkpoint_file(weights) if raw is None else raw
+    recorded = None if weights.suffix == ".safetensors" else checkpoint_metadata(raw)
+    if recorded is not None:
+        if recorded.get("preset") not in PRESETS:
+            raise ValueError(f"{weights}: the model recorded in the checkpoint names an unknown preset "
+                             f"{recorded.get('preset')!r}; --model PRESET chooses one")
+        section = {"preset": recorded.get("preset"), "k": recorded.get("k"), "n": recorded.get("n"),
+                   "overrides": dict(recorded.get("overrides") or {})}
+        return section, [f"model {section['preset']!r} ({routing_text(section_top_k(section))}) as "
+                         f"recorded in the checkpoint"]
+    layout, state = read_state_dict(raw)
+    try:
+        arch = infer_architecture(state)
+    except ArchitectureError as exc:
+        raise ValueError(f"{weights}: cannot tell the model from the weights ({exc}); --model PRESET "
+                         f"chooses it") from None
+    unknown = "routing is not in the weights; --set model.k=N or model.k=all to choose"
+    if arch.sparse:
+        top_k, why = 1, "selection biases, so sparse; k is not in the weights: --set model.k=N to choose"
+    elif layout == "lightning":
+        top_k, why = None, f"a Lightning checkpoint, PromptIR's layout; {unknown}"
+    else:
+        top_k, why = 1, f"a {layout.split(':')[0]} checkpoint, CPL's layout; {unknown}"
+    section = model_section(arch, top_k)
+    built = f"preset {section['preset']!r}"
+    differences = arch.differences(preset_architecture(section["preset"]))
+    if differences:
+        built += f" with {arch.describe(differences)}"
+    return section, [f"no run config: {built} read from the weights; {routing_text(top_k)} routing assumed "
+                     f"({why})"]
+
+
+def preset_model_note(where: str, preset_model: Mapping[str, Any],
+                      weights_model: Mapping[str, Any]) -> str | None:
+    """One line when a benchmark's model section (``where``: ``--preset three_task``) differs from the
+    checkpoint's, saying that the checkpoint's is used; None when they build the same model."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        ours, theirs = model_from_config(preset_model), model_from_config(weights_model)
+    a, b = model_architecture(theirs), model_architecture(ours)
+    # Selection biases are no difference: a router without them selects as one with zero biases.
+    differs = [name for name in a.differences(b) if name != "route_bias"]
+    top_a, top_b = section_top_k(weights_model), section_top_k(preset_model)
+    if not differs and top_a == top_b:
+        return None
+    what = compare_text(a, b, f"{where}'s model", ignore=("route_bias",)) if differs else (
+        f"the checkpoint's routing is {routing_text(top_a)}, {where}'s model's {routing_text(top_b)}")
+    return f"{what}: the checkpoint's model is used (--model to choose another)"
+
+
+def _mismatch_text(weights: Path, raw: Mapping[str, Any], model: nn.Module, config: Mapping[str, Any],
+                   from_run: bool, exc: KeyMismatchError) -> str:
+    """Two lines: what differs between the weights and the model built, then which model fits."""
+    name = f"preset {config['preset']!r}" + (" with overrides" if config.get("overrides") else "")
+    try:
+        weights_arch = infer_architecture(read_state_dict(raw)[1])
+        model_arch = model_architecture(model)
+    except (ArchitectureError, ValueError):
+        # Not an architecture we can read: the loader's own (bounded) list of the offending keys.
+        text = str(exc).replace("<state dict>", str(weights))
+        return f"{text}\nhint: the model was built as {name}; --model PRESET chooses another"
+    first = f"{weights} does not fit the model: {compare_text(weights_arch, model_arch, name)}"
+    if from_run:
+        return f"{first}\nhint: the run's {RUN_CONFIG} does not describe these weights; --model PRESET " \
+               f"chooses the model"
+    fit = model_section(weights_arch, section_top_k(config))
+    if fit["overrides"]:
+        return (f"{first}\nhint: no preset builds these weights; omit --model to use the checkpoint's "
+                "architecture")
+    option = f"--model {fit['preset']}" + (f" --set model.n={fit['n']}" if fit["n"] is not None else "") \
+        + (f" --set model.k={fit['k']}" if fit["k"] is not None else "")
+    return f"{first}\nhint: {option} fits these weights, or omit --model to use the checkpoint's architecture"
 
 
 def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
@@ -110,31 +214,24 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
     """Weights named by ``ckpt`` in the model they belong to, on ``device``, in eval mode.
 
     ``model_config``: a config ``model`` section that overrides the run's (None: the run's, else the
-    layout default of the module docstring).
+    checkpoint's as in the module docstring). KeyMismatchError (a ValueError) in two lines when the
+    model does not fit the weights.
     """
-    from cpl_fast.models.checkpoint import read_checkpoint_file
-
     weights, run_config = resolve_weights(ckpt)
-    notes = []
+    notes: list[str] = []
     raw: Any = read_checkpoint_file(weights)  # ValueError naming the file when it is not a checkpoint
-    layout = "other" if weights.suffix == ".safetensors" else _layout(raw)
     if model_config is not None:
         config = copy.deepcopy(dict(model_config))
     elif run_config is not None:
         config = copy.deepcopy(dict(run_config["model"]))
     else:
-        preset = "promptir" if layout == "lightning" else "cpl"
-        config = {"preset": preset, "k": None, "n": None, "overrides": {}}
-        notes.append(f"no run config: model preset {preset!r} assumed for a {layout} checkpoint "
-                     f"(--model to choose another)")
+        config, notes = checkpoint_model(weights, raw)
     model = model_from_config(config)
     try:
         report = load_checkpoint(model, raw, strict=strict)
-    except KeyMismatchError as exc:  # the weights are fine; the model built for them may not be
-        text = str(exc).replace("<state dict>", str(weights))
-        raise KeyMismatchError(f"{text}\n(the model was built as preset {config['preset']!r}, "
-                               f"k={config.get('k')}; is that the checkpoint's architecture? --model / "
-                               f"--set model.k=... choose another)") from exc
+    except KeyMismatchError as exc:  # the weights are fine; the model built for them is not theirs
+        from_run = model_config is None and run_config is not None
+        raise KeyMismatchError(_mismatch_text(weights, raw, model, config, from_run, exc)) from exc
     except ValueError as exc:
         raise ValueError(str(exc).replace("<state dict>", str(weights))) from exc
     report.source = str(weights)

@@ -9,6 +9,8 @@ Accepted layouts (detected from the content, never from guesses about values):
 
 Published prompt banks are ``(1, n, C, S, S)``; ours are ``(n, C, S, S)``, so they are reshaped.
 The six 1x1 convolutions the published PromptIR builds but never uses are dropped and reported.
+Files written by ``cpl-convert`` also carry ``METADATA_KEY``: the model section they were built with
+(the routing, which the weights cannot tell), ignored by the published code.
 """
 from __future__ import annotations
 
@@ -29,6 +31,10 @@ UNUSED_OFFICIAL_KEYS = frozenset({
     "reduce_noise_channel_1.weight", "reduce_noise_channel_2.weight", "reduce_noise_channel_3.weight",
 })
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# Top-level key of the Lightning and BasicSR files cpl-convert writes: {"model": <config model section>}.
+METADATA_KEY = "cpl_fast"
+# Shape mismatches listed in full at most; an architecture mismatch is summarised by the caller.
+_LISTED = 12
 
 
 class KeyMismatchError(ValueError):
@@ -71,7 +77,7 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     expected = model.state_dict()
     adapted: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        key = _strip_wrappers(key)
+        key = strip_wrappers(key)
         if key in UNUSED_OFFICIAL_KEYS and key not in expected:
             report.ignored_keys.append(key)
             continue
@@ -92,9 +98,9 @@ def load_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Ma
     mismatched = [f"{key}: checkpoint {tuple(adapted[key].shape)} vs model {tuple(expected[key].shape)}"
                   for key in adapted if key in expected and adapted[key].shape != expected[key].shape]
     if mismatched:
+        more = f"\n  ... ({len(mismatched) - _LISTED} more)" if len(mismatched) > _LISTED else ""
         raise KeyMismatchError(f"load_checkpoint({source}): {len(mismatched)} tensor(s) have the wrong "
-                               f"shape:\n  "
-                         + "\n  ".join(mismatched))
+                               f"shape:\n  " + "\n  ".join(mismatched[:_LISTED]) + more)
     if strict and (report.missing_keys or report.unexpected_keys):
         raise KeyMismatchError(f"load_checkpoint({source}, strict=True): keys disagree with the model "
                          f"({layout} layout)\n  missing: {_summary(report.missing_keys)}\n"
@@ -140,6 +146,29 @@ def read_checkpoint_file(path: Path) -> Mapping[str, Any]:
     return obj
 
 
+def read_state_dict(path_or_state_dict: str | os.PathLike | Mapping[str, Any]
+                    ) -> tuple[str, dict[str, torch.Tensor]]:
+    """``(layout, state dict)`` of a checkpoint file or dictionary, wrappers (``net.``, ``module.``,
+    ``_orig_mod.``) stripped, the published names and shapes kept; errors as ``load_checkpoint``'s."""
+    if isinstance(path_or_state_dict, Mapping):
+        source, raw = "<state dict>", path_or_state_dict
+    else:
+        source, raw = str(path_or_state_dict), read_checkpoint_file(Path(path_or_state_dict))
+    layout, state = _unwrap(raw, source)
+    return layout, {strip_wrappers(key): value for key, value in state.items()}
+
+
+def checkpoint_metadata(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The model section a cpl-convert file records under ``METADATA_KEY``, or None."""
+    meta = obj.get(METADATA_KEY)
+    if meta is None:
+        return None
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("model"), Mapping):
+        raise ValueError(f"load_checkpoint: the checkpoint's {METADATA_KEY!r} entry is not "
+                         f"{{'model': {{...}}}}: {type(meta).__name__}")
+    return dict(meta["model"])
+
+
 def _unwrap(obj: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, torch.Tensor]]:
     """Find the model's state dict inside a checkpoint; returns ``(layout, state_dict)``."""
     if isinstance(obj.get("state_dict"), Mapping):
@@ -166,7 +195,8 @@ def _tensors(state: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor
     return state
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
+    """``key`` without DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` prefixes."""
     stripped = True
     while stripped:
         stripped = False
