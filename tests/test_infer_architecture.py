@@ -127,6 +127,14 @@ def test_load_model_reads_the_architecture_and_says_which_routing_it_assumed(tmp
     _assert_same(loaded.model, biased.state_dict())
 
 
+def test_a_lightning_modules_own_state_dict_saved_bare_is_read(tmp_path):
+    source = _randomised(build_model("tiny"))
+    torch.save({f"net.{k}": v for k, v in source.state_dict().items()}, tmp_path / "module.pt")
+    loaded = load_model(tmp_path / "module.pt")
+    assert loaded.model_config["preset"] == "tiny" and loaded.report.layout == "plain"
+    _assert_same(loaded.model, source.state_dict())
+
+
 def test_a_model_that_does_not_fit_is_refused_in_two_lines_naming_the_difference(tmp_path):
     bigger = build_model("tiny", dim=16)
     torch.save(bigger.state_dict(), tmp_path / "w.pth")

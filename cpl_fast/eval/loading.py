@@ -172,9 +172,12 @@ def preset_model_note(where: str, preset_model: Mapping[str, Any],
                       weights_model: Mapping[str, Any]) -> str | None:
     """One line when a benchmark's model section (``where``: ``--preset three_task``) differs from the
     checkpoint's, saying that the checkpoint's is used; None when they build the same model."""
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        ours, theirs = model_from_config(preset_model), model_from_config(weights_model)
-    a, b = model_architecture(theirs), model_architecture(ours)
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            ours, theirs = model_from_config(preset_model), model_from_config(weights_model)
+        a, b = model_architecture(theirs), model_architecture(ours)
+    except (ValueError, TypeError) as exc:
+        return f"{where}'s model cannot be compared with the checkpoint's ({exc}): the checkpoint's is used"
     # Selection biases are no difference: a router without them selects as one with zero biases.
     differs = [name for name in a.differences(b) if name != "route_bias"]
     top_a, top_b = section_top_k(weights_model), section_top_k(preset_model)
@@ -196,6 +199,10 @@ def _mismatch_text(weights: Path, raw: Mapping[str, Any], model: nn.Module, conf
         # Not an architecture we can read: the loader's own (bounded) list of the offending keys.
         text = str(exc).replace("<state dict>", str(weights))
         return f"{text}\nhint: the model was built as {name}; --model PRESET chooses another"
+    if not weights_arch.differences(model_arch):
+        # Same architecture, yet the keys disagree: the loader's own list says where.
+        text = str(exc).replace("<state dict>", str(weights))
+        return f"{text}\nhint: the model was built as {name}"
     first = f"{weights} does not fit the model: {compare_text(weights_arch, model_arch, name)}"
     if from_run:
         return f"{first}\nhint: the run's {RUN_CONFIG} does not describe these weights; --model PRESET " \

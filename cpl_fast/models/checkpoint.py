@@ -5,7 +5,8 @@ Accepted layouts (detected from the content, never from guesses about values):
 * PromptIR's Lightning ``.ckpt``: ``{'state_dict': {'net.<key>': ...}, ...}``;
 * CPL's BasicSR ``.pth``: ``{'params': ..., 'params_ema': ...}`` (the EMA weights when present);
 * cpl_fast's torch files ``{'model': state_dict, ...}`` and ``*.safetensors`` model states;
-* a plain state dict, with or without DDP's ``module.`` (or ``torch.compile``'s ``_orig_mod.``) prefix.
+* a plain state dict, with or without DDP's ``module.`` (or ``torch.compile``'s ``_orig_mod.``) prefix, or
+  a LightningModule's own (every key under ``net.``).
 
 Published prompt banks are ``(1, n, C, S, S)``; ours are ``(n, C, S, S)``, so they are reshaped.
 The six 1x1 convolutions the published PromptIR builds but never uses are dropped and reported.
@@ -182,7 +183,7 @@ def _unwrap(obj: Mapping[str, Any], source: str) -> tuple[str, Mapping[str, torc
     if isinstance(obj.get("model"), Mapping):
         return "cpl_fast", _tensors(obj["model"], source)
     if obj and all(isinstance(value, torch.Tensor) for value in obj.values()):
-        return "plain", obj
+        return "plain", strip_lightning_prefix(obj)
     raise ValueError(f"load_checkpoint: {source} is not a recognised checkpoint: expected a state dict or a "
                      f"dictionary with 'state_dict', 'params_ema', 'params' or 'model'; top-level keys: "
                      f"{_summary(list(obj))}")
@@ -192,6 +193,14 @@ def _tensors(state: Mapping[str, Any], source: str) -> Mapping[str, torch.Tensor
     bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
     if bad:
         raise ValueError(f"load_checkpoint: {source}: entries that are not tensors: {_summary(bad)}")
+    return state
+
+
+def strip_lightning_prefix(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` without ``net.`` when every key has it: a LightningModule's own ``state_dict()`` saved
+    bare (PromptIR's module holds the network as ``net``)."""
+    if state and all(isinstance(key, str) and key.startswith("net.") for key in state):
+        return {key.removeprefix("net."): value for key, value in state.items()}
     return state
 
 

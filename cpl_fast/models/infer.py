@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from cpl_fast.models.checkpoint import UNUSED_OFFICIAL_KEYS, strip_wrappers
+from cpl_fast.models.checkpoint import UNUSED_OFFICIAL_KEYS, strip_lightning_prefix, strip_wrappers
 from cpl_fast.models.registry import MODELS, PRESETS
 
 # Settings the shapes cannot decide: never compared, never read.
@@ -108,9 +108,9 @@ def compare_text(weights: Architecture, model: Architecture, model_name: str, li
 def infer_architecture(state_dict: Mapping[str, torch.Tensor]) -> Architecture:
     """The model class and constructor arguments that ``state_dict`` loads into strictly.
 
-    Accepts our names and the published ones (``net.``/``module.``/``_orig_mod.`` prefixes, 5-D prompt
-    banks and PromptIR's six unused convolutions). ArchitectureError when the keys are not those of a
-    model cpl_fast builds, naming what is missing or inconsistent.
+    Accepts our names and the published ones (``net.`` on every key, ``module.``/``_orig_mod.`` prefixes,
+    5-D prompt banks, PromptIR's six unused convolutions). ArchitectureError when the keys are not those
+    of a model cpl_fast builds, naming what is missing or inconsistent.
     """
     state = _normalised(state_dict)
     if "patch_embed.proj.weight" in state:
@@ -250,10 +250,10 @@ def _nafnet(state: Mapping[str, torch.Tensor]) -> Architecture:
 
 def _normalised(state_dict: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
+    for key, value in strip_lightning_prefix(state_dict).items():
         if not isinstance(value, torch.Tensor):
             raise ArchitectureError(f"entry {key!r} is a {type(value).__name__}, not a tensor")
-        key = strip_wrappers(key.removeprefix("net."))
+        key = strip_wrappers(key)
         if key in UNUSED_OFFICIAL_KEYS:
             continue
         state[key] = value
