@@ -177,11 +177,12 @@ def _load(args: argparse.Namespace, ckpt: str, device: torch.device, need_data: 
     from cpl_fast.eval.loading import checkpoint_model, load_model, resolve_weights
 
     weights, run_config = resolve_weights(ckpt)
+    explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
     weights_model, weights_notes = None, []
-    if run_config is None and args.model is None:
+    # Read the weights for their model only where it is used (without data, _config stops first).
+    if run_config is None and args.model is None and (explicit or not need_data):
         weights_model, weights_notes = checkpoint_model(weights)
     config, notes = _config(args, run_config, need_data, weights_model)
-    explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
     loaded = load_model(ckpt, _model_section(args, config, run_config, explicit), device)
     # Where the model came from, and what --set changed in what the weights said.
     if weights_model is not None and config["model"] != weights_model:
