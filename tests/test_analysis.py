@@ -12,6 +12,7 @@ from PIL import Image
 from cpl_fast.data import ArrayPairs, EvalDataset, build_task_ids
 from cpl_fast.eval import entropy_bits, restore_image
 from cpl_fast.eval.analysis import (
+    DEFAULT_BATCH,
     SHIFTED,
     RoutingRecord,
     analyze,
@@ -280,3 +281,10 @@ def test_cpl_analyze_command(tmp_path, capsys):
     assert analyze_main(["--preset", "demo", "--ckpt", str(ckpt), "--model", "tiny", "-o", str(out),
                          "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
+
+
+def test_cpl_analyze_help_states_the_batch_default(capsys):
+    # The parser writes the number rather than importing it (that would load torch for --help).
+    with pytest.raises(SystemExit):
+        analyze_main(["--help"])
+    assert f"(default {DEFAULT_BATCH};" in " ".join(capsys.readouterr().out.split())

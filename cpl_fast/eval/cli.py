@@ -436,7 +436,6 @@ def restore_main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------- cpl-analyze
 
 def _analyze_parser() -> argparse.ArgumentParser:
-    from cpl_fast.eval.analysis import DEFAULT_BATCH
     from cpl_fast.eval.protocols import PROTOCOLS
 
     parser = argparse.ArgumentParser(
@@ -450,9 +449,11 @@ def _analyze_parser() -> argparse.ArgumentParser:
     parser.add_argument("--protocol", choices=list(PROTOCOLS),
                         help="crop the test images as this protocol does (default: the preset's)")
     parser.add_argument("--no-residuals", action="store_true", help="skip the residual maps (Fig. 5)")
-    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH, metavar="N",
-                        help=f"images of the same size decoded together (default {DEFAULT_BATCH}; "
-                             "large images go fewer at a time, and a batch that runs out of memory is split)")
+    # The default is cpl_fast.eval.analysis.DEFAULT_BATCH, applied in analyze_main: importing it here would
+    # make --help load torch (a test holds the number in this help to it).
+    parser.add_argument("--batch", type=int, metavar="N",
+                        help="images of the same size decoded together (default 8; large images go fewer at "
+                             "a time, and a batch that runs out of memory is split)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress bar (there is none either when stderr is not a terminal)")
     return parser
@@ -460,15 +461,16 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-analyze``; returns the exit status."""
-    from cpl_fast.eval.analysis import analyze
+    from cpl_fast.eval.analysis import DEFAULT_BATCH, analyze
 
     args = _analyze_parser().parse_args(argv)
     summary: dict[str, Any] = {}
     try:
         if args.max_images is not None and args.max_images < 1:
             raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
-        if args.batch < 1:
-            raise UsageError(f"--batch must be >= 1, got {args.batch}")
+        batch = DEFAULT_BATCH if args.batch is None else args.batch
+        if batch < 1:
+            raise UsageError(f"--batch must be >= 1, got {batch}")
         from cpl_fast.eval.restore import check_output_dir
 
         out_root = check_output_dir(args.output)
@@ -479,7 +481,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
             print(f"== {name}: {loaded.description}")
             result = analyze(loaded.model, dataset, out_root / name, title=name, max_images=args.max_images,
                              residuals=not args.no_residuals, progress=not args.no_progress,
-                             protocol=_default_protocol(args, config), batch_size=args.batch)
+                             protocol=_default_protocol(args, config), batch_size=batch)
             keys = ("selection_entropy", "mean_softmax_entropy")
             summary[name] = {"dense": result["dense"], "top_k": result["top_k"],
                              "uniform_bits": result["uniform_bits"],
