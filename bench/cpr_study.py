@@ -71,7 +71,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     from torch.utils.data import Subset
 
     from cpl_fast.eval.cli import test_dataset
-    from cpl_fast.eval.evaluate import average, evaluate, score_inputs
+    from cpl_fast.eval.scoring import average, evaluate, score_inputs
     from cpl_fast.eval.health import eval_prompt_gap
     from cpl_fast.eval.inference import restore_image
     from cpl_fast.eval.loading import load_model

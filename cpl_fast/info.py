@@ -1,13 +1,11 @@
 """``python -m cpl_fast.info`` / ``cpl-info``: versions, devices, and which backends of every op run."""
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 
-import torch
-
 import cpl_fast
-from cpl_fast import _extension
 
 
 def _cpu_allocator_state() -> str:
@@ -21,7 +19,9 @@ def _cpu_allocator_state() -> str:
 
 
 def collect() -> dict:
-    from cpl_fast import ops
+    import torch
+
+    from cpl_fast import _extension, ops
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     try:
@@ -44,6 +44,8 @@ def collect() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(prog="cpl-info", description="What cpl_fast was built with and which backend of "
+                            "every op runs on each device (and why not)").parse_args(argv)
     info = collect()
     print(f"cpl_fast {info['cpl_fast']}  python {info['python']}  torch {info['torch']}"
           f" (CUDA {info['torch_cuda'] or 'none'})  triton {info['triton'] or 'not installed'}")

@@ -141,7 +141,7 @@ def test_negative_tile_overlap_is_an_argument_error(tmp_path, weights, capsys, v
 def test_eval_checks_json_and_markdown_paths_before_evaluating(tmp_path, weights, capsys, monkeypatch):
     import importlib
 
-    evaluate_module = importlib.import_module("cpl_fast.eval.evaluate")
+    evaluate_module = importlib.import_module("cpl_fast.eval.scoring")
     monkeypatch.setattr(evaluate_module, "evaluate", lambda *a, **k: pytest.fail("evaluated first"))
     (tmp_path / "adir").mkdir()
     for option, path in (("--json", tmp_path / "adir"), ("--markdown", tmp_path / "adir")):

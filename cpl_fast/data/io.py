@@ -14,12 +14,15 @@ import io
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from cpl_fast.atomic_files import atomic_write_bytes
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the layouts and --help do not need it
+    import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -88,6 +91,8 @@ def hwc_to_tensor(arr: np.ndarray) -> torch.Tensor:
                          f"with shape {getattr(arr, 'shape', None)}")
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / 255.0
+    import torch
+
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32))
 
 
@@ -96,6 +101,8 @@ def to_uint8(image: torch.Tensor | np.ndarray) -> np.ndarray:
 
     Tensors are taken as (C, H, W) or (H, W); numpy arrays as (H, W, C) or (H, W).
     """
+    import torch
+
     if isinstance(image, torch.Tensor):
         arr = image.detach().to("cpu", torch.float64).numpy()
         if arr.ndim == 3:

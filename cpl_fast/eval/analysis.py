@@ -43,11 +43,11 @@ import torch
 from torch import nn
 
 from cpl_fast.data.io import atomic_write_bytes
-from cpl_fast.eval.evaluate import level_statistics
 from cpl_fast.eval.health import _batch_psnr
 from cpl_fast.eval.inference import autocast, is_out_of_memory, model_multiple, pad_to_multiple, to_rgb
 from cpl_fast.eval.metrics import psnr
 from cpl_fast.eval.protocols import Protocol, get_protocol
+from cpl_fast.eval.scoring import level_statistics
 from cpl_fast.models import Routing
 from cpl_fast.models.protocol import EncodeDecodeModel, map_state
 

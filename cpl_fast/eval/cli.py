@@ -22,12 +22,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cpl_fast.data.io import check_writable_file
-from cpl_fast.eval.inference import AMP_MODES, DEFAULT_OVERLAP
+from cpl_fast.eval.inference_options import AMP_MODES, DEFAULT_OVERLAP
+
+if TYPE_CHECKING:  # imported where used: --help must not wait for torch
+    import torch
 
 TILE_HELP = ("tile size for large images (a multiple of the model's size multiple), 'auto' (whole image, "
              "tiles of 512 when memory runs out; the default) or 'none'")
@@ -100,6 +101,8 @@ def _text(exc: BaseException) -> str:
 
 
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -298,7 +301,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def comparison_table(results: dict[str, dict[str, Any]], protocol_label: str) -> str:
     """Markdown in the shape of the paper's tables: one row per model, PSNR/SSIM per task, average."""
-    from cpl_fast.eval.evaluate import average
+    from cpl_fast.eval.scoring import average
 
     tasks = list(next(iter(results.values()))["scores"])
     head = "| model | " + " | ".join(tasks) + " | average | protocol |"
@@ -333,10 +336,10 @@ def entropy_markdown(results: dict[str, dict[str, Any]]) -> str:
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-eval``; returns the exit status."""
-    from cpl_fast.eval.evaluate import evaluate, scores_table
-    from cpl_fast.eval.protocols import get_protocol
-
     args = _eval_parser().parse_args(argv)
+    from cpl_fast.eval.protocols import get_protocol
+    from cpl_fast.eval.scoring import evaluate, scores_table
+
     try:
         if args.max_images is not None and args.max_images < 1:
             raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
@@ -371,7 +374,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         return 2
     assert protocol is not None
     if args.input_baseline:
-        from cpl_fast.eval.evaluate import score_inputs
+        from cpl_fast.eval.scoring import score_inputs
 
         baseline = score_inputs(dataset, protocol, args.max_images)
         results = {"input (no restoration)": {"checkpoint": None, "model": None, "layout": None,
@@ -409,9 +412,9 @@ def _restore_parser() -> argparse.ArgumentParser:
 
 def restore_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-restore``; returns the exit status (1 when some inputs failed)."""
+    args = _restore_parser().parse_args(argv)
     from cpl_fast.eval.restore import check_output_dir, collect_inputs, restore_files
 
-    args = _restore_parser().parse_args(argv)
     try:
         out_dir = check_output_dir(args.output)
         collect_inputs(args.images)  # colliding output names are refused before the model loads
@@ -461,9 +464,9 @@ def _analyze_parser() -> argparse.ArgumentParser:
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-analyze``; returns the exit status."""
+    args = _analyze_parser().parse_args(argv)
     from cpl_fast.eval.analysis import DEFAULT_BATCH, analyze
 
-    args = _analyze_parser().parse_args(argv)
     summary: dict[str, Any] = {}
     try:
         if args.max_images is not None and args.max_images < 1:

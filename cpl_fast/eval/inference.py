@@ -31,11 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpl_fast.eval.inference_options import AMP_MODES, AUTO_TILE, DEFAULT_OVERLAP  # noqa: F401 (public)
 from cpl_fast.models import Routing
-
-AMP_MODES = ("auto", "none", "bf16", "fp16")
-AUTO_TILE = 512
-DEFAULT_OVERLAP = 32
 
 
 class Restoration(NamedTuple):

@@ -18,19 +18,24 @@ Entropies are in bits.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 SSIM_WINDOWS = ("uniform", "gaussian")
 # MATLAB's / BasicSR's luma weights for RGB in [0, 1], giving Y in [16, 235].
 Y_WEIGHTS = (65.481, 128.553, 24.966)
 Y_OFFSET = 16.0
 
+if TYPE_CHECKING:  # imported where used: the commands' --help must not wait for torch
+    import torch
+
 
 def to_hwc(image: torch.Tensor | np.ndarray) -> np.ndarray:
     """One image as an ``(H, W, C)`` float64 array; tensors are RGB ``(3, H, W)`` or ``(1, 3, H, W)``,
     arrays ``(H, W, C)`` or ``(H, W)`` (a single channel, e.g. the Y channel)."""
+    import torch
+
     if isinstance(image, torch.Tensor):
         if image.dim() == 4:
             if image.shape[0] != 1:
@@ -110,6 +115,8 @@ def quantize(image: np.ndarray) -> np.ndarray:
 
 def entropy_bits(distribution: torch.Tensor | np.ndarray) -> float:
     """Shannon entropy in bits of a non-negative vector, normalised to sum to one first."""
+    import torch
+
     p = torch.as_tensor(distribution, dtype=torch.float64).flatten()
     if p.numel() == 0 or bool((p < 0).any()) or not bool(torch.isfinite(p).all()):
         raise ValueError("entropy needs a non-empty, finite, non-negative vector")

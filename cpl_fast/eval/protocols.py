@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from cpl_fast.eval.metrics import SSIM_WINDOWS, crop_border, psnr, quantize, rgb_to_y, ssim, to_hwc
 
 SPACES = ("rgb", "y")
+
+if TYPE_CHECKING:  # imported where used: the commands' --help must not wait for torch
+    import torch
 
 
 @dataclass(frozen=True)

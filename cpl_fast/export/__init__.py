@@ -8,21 +8,15 @@
 
 onnx, onnxruntime and TensorRT are optional and imported on use. See docs/EXPORT.md.
 """
-from cpl_fast.export._deps import MissingDependency
-from cpl_fast.export.graph import InferenceGraph
-from cpl_fast.export.onnx_export import ExportReport, export_onnx, read_metadata
-from cpl_fast.export.runners import EngineIO, OnnxRunner, Runner, TensorRTRunner
-from cpl_fast.export.trt import (
-    EngineBuild,
-    OnnxParseError,
-    Profile,
-    build_engine,
-    import_tensorrt,
-    read_build,
-)
+from cpl_fast._lazy import lazy_exports
 
-__all__ = [
-    "InferenceGraph", "export_onnx", "ExportReport", "read_metadata", "OnnxRunner", "TensorRTRunner",
-    "Runner", "EngineIO", "build_engine", "EngineBuild", "Profile", "OnnxParseError", "import_tensorrt",
-    "read_build", "MissingDependency",
-]
+# Imported on first use: a command's --help must not wait for torch.
+_MODULES = {
+    "cpl_fast.export._deps": ("MissingDependency",),
+    "cpl_fast.export.graph": ("InferenceGraph",),
+    "cpl_fast.export.onnx_export": ("ExportReport", "export_onnx", "read_metadata"),
+    "cpl_fast.export.runners": ("EngineIO", "OnnxRunner", "Runner", "TensorRTRunner"),
+    "cpl_fast.export.trt": ("EngineBuild", "OnnxParseError", "Profile", "build_engine", "import_tensorrt",
+        "read_build"),
+}
+__all__, __getattr__, __dir__ = lazy_exports(globals(), _MODULES)
