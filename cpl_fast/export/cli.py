@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from cpl_fast.data.io import check_writable_file
 from cpl_fast.export._deps import MissingDependency
-from cpl_fast.export.onnx_export import DEFAULT_OPSET, check_opset
+from cpl_fast.export.onnx_format import DEFAULT_OPSET
 from cpl_fast.export.trt import MODULES, OnnxParseError, Profile
 
 
@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     precision.add_argument("--bf16", action="store_true", help="allow bfloat16 kernels (tensorrt module)")
     for name in ("min", "opt", "max"):
         trt.add_argument(f"--{name}", type=_shape, metavar="B,C,H,W",
-                         help=f"{name} input shape of the optimisation profile (dynamic inputs)")
+                         help=f"{name} input shape of the optimisation profile (needed for a --dynamic "
+                              f"export; a fixed-size one builds for batch 1 without them)")
     trt.add_argument("--module", choices=("auto", *MODULES), default="auto",
                      help="TensorRT Python module (auto: tensorrt, else tensorrt_rtx)")
     trt.add_argument("--optimization-level", type=_level, metavar="0-5",
@@ -86,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _export_onnx(args: argparse.Namespace) -> None:
     from cpl_fast.eval.loading import load_model
-    from cpl_fast.export.onnx_export import export_onnx
+    from cpl_fast.export.onnx_export import check_opset, export_onnx
 
     if args.dynamic and args.width is not None:
         raise ValueError("--width goes with --height (a fixed size), not with --dynamic")
@@ -125,6 +126,8 @@ def _build_trt(args: argparse.Namespace) -> None:
     if build.profile is not None:
         print(f"  profile: min {list(build.profile.min)}, opt {list(build.profile.opt)}, "
               f"max {list(build.profile.max)}")
+        if profile is None:
+            print("  the graph fixes C, H and W: built for batch 1 (--min/--opt/--max for larger batches)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

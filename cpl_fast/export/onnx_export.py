@@ -21,17 +21,17 @@ import torch
 from cpl_fast.data.io import check_writable_file
 from cpl_fast.export._deps import require
 from cpl_fast.export.graph import InferenceGraph, check_size
+from cpl_fast.export.onnx_format import (  # noqa: F401 (public names of this module too)
+    DEFAULT_OPSET,
+    INPUT_NAME,
+    MAX_BATCH,
+    MAX_SIDE,
+    META_PREFIX,
+    MIN_OPSET,
+    input_description,
+    read_metadata,
+)
 from cpl_fast.models.promptir import SparsePromptIR
-
-# torch.onnx's exporter implements opset 18 and later (17, the first with LayerNormalization, can only
-# be reached by the ONNX version converter, which has no Split adapter from 18 to 17).
-MIN_OPSET = 18
-DEFAULT_OPSET = 18
-MAX_BATCH = 256
-MAX_SIDE = 8192          # largest dynamic H and W the export declares (a torch.export bound, not a limit
-                         # of the graph; TensorRT profiles set their own)
-INPUT_NAME = "image"
-META_PREFIX = "cpl_fast."
 
 
 @dataclass
@@ -153,6 +153,8 @@ def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int,
         entry = proto.metadata_props.add()
         entry.key, entry.value = META_PREFIX + key, value
     proto.producer_name = "cpl_fast"
+    # Shown by onnxruntime (session.get_modelmeta().description) and Netron: what a plain session needs.
+    proto.doc_string = input_description(size, multiple)
     onnx.save_model(proto, str(path))
     seconds = time.perf_counter() - start
     onnx.checker.check_model(str(path), full_check=True)
@@ -173,19 +175,3 @@ def _name_dims(proto, names: tuple[str, ...]) -> None:
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in rename:
                 dim.dim_param = rename[dim.dim_param]
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The ``cpl_fast.*`` metadata of an exported model (prefix removed); ValueError if unreadable."""
-    onnx = require("onnx", "export")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such ONNX file: {path}")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:  # protobuf raises DecodeError, onnx its own; name the file in any case
-        raise ValueError(f"cannot read {path} as an ONNX model ({type(err).__name__}: {err})") from err
-    if not proto.graph.node:
-        raise ValueError(f"{path} is not an ONNX model (its graph has no nodes)")
-    return {entry.key[len(META_PREFIX):]: entry.value for entry in proto.metadata_props
-            if entry.key.startswith(META_PREFIX)}

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import ModuleType
 
 from cpl_fast.export._deps import MissingDependency, require
-from cpl_fast.export.onnx_export import INPUT_NAME, read_metadata
+from cpl_fast.export.onnx_format import INPUT_NAME, read_metadata
 
 MODULES = ("tensorrt", "tensorrt_rtx")
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -106,10 +106,16 @@ def check_profile(onnx_shape: list[int | str], profile: Profile | None, multiple
     """
     dynamic = [i for i, d in enumerate(onnx_shape) if not isinstance(d, int) or d < 0]
     if profile is None:
+        if dynamic == [0] and len(onnx_shape) > 1:
+            # A fixed-size export: only the batch is free; without a profile, build for batch 1.
+            fixed = tuple(int(d) for d in onnx_shape[1:])
+            return Profile((1, *fixed), (1, *fixed), (1, *fixed))
         if dynamic:
+            example = example_profile(onnx_shape, multiple)
+            shapes = {"min": example.min, "opt": example.opt, "max": example.max}
+            flags = " ".join(f"--{label} {','.join(map(str, shape))}" for label, shape in shapes.items())
             raise ValueError(f"the ONNX input {INPUT_NAME} has dynamic dimensions {onnx_shape}: give --min, "
-                             "--opt and --max shapes (B,C,H,W, e.g. --min 1,3,64,64 --opt 1,3,256,256 "
-                             "--max 1,3,512,512)")
+                             f"--opt and --max shapes (B,C,H,W), e.g. {flags}")
         return None
     rank = len(onnx_shape)
     for label, shape in (("min", profile.min), ("opt", profile.opt), ("max", profile.max)):
@@ -129,6 +135,21 @@ def check_profile(onnx_shape: list[int | str], profile: Profile | None, multiple
             raise ValueError(f"profile shapes are inconsistent in dimension {i}: need min <= opt <= max, got "
                              f"{profile.min[i]}, {profile.opt[i]}, {profile.max[i]}")
     return profile
+
+
+def example_profile(onnx_shape: list[int | str], multiple: int) -> Profile:
+    """A profile the input accepts: its fixed dimensions, batch 1..4, H and W of 8, 32 and 64 multiples."""
+    picks = []
+    for i, d in enumerate(onnx_shape):
+        if isinstance(d, int) and d > 0:
+            picks.append((d, d, d))
+        elif i == 0:
+            picks.append((1, 1, 4))
+        elif i == 1:
+            picks.append((3, 3, 3))
+        else:
+            picks.append((8 * multiple, 32 * multiple, 64 * multiple))
+    return Profile(*(tuple(p[j] for p in picks) for j in range(3)))
 
 
 def _onnx_input_shape(onnx_path: Path) -> list[int | str]:
