@@ -55,6 +55,8 @@ STATE_JSON = "state.json"
 TRAINER_STATE = "trainer_state.pt"
 MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
+BEST_DIR = "best"                 # RUN/checkpoints/best: the weights of the best validation so far
+BEST_JSON = "best.json"
 _TMP_PREFIX = ".tmp-"
 _REPLACED_PREFIX = ".replaced-"
 _NAME = re.compile(r"step_\d{8,}")
@@ -183,6 +185,27 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, trainer_st
     atomic_write_bytes(root / LATEST, name.encode("utf-8"))
     _prune(root, keep, name)
     return final
+
+
+def save_best(run_dir: str | Path, model: nn.Module, info: Mapping[str, Any],
+              ema: nn.Module | None = None) -> Path:
+    """Write ``RUN/checkpoints/best`` (the weights, and ``best.json``: the step and its scores),
+    replacing the previous best atomically. Rotation (``keep``) never touches it."""
+    root = Path(run_dir) / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_folder(root, f"{_TMP_PREFIX}{BEST_DIR}-")
+    try:
+        save_model_state(model, tmp / MODEL_FILE)
+        if ema is not None:
+            save_model_state(ema, tmp / EMA_FILE)
+        (tmp / BEST_JSON).write_text(json.dumps(dict(info), indent=1), encoding="utf-8")
+        _fsync_dir(tmp)
+        _replace_folder(tmp, root / BEST_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    return root / BEST_DIR
 
 
 def _prune(root: Path, keep: int, current: str) -> None:

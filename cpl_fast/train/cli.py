@@ -4,11 +4,13 @@
     cpl-train --preset three_task --data /data/promptir   # the paper's three-task recipe
     cpl-train --config my.yaml --set optim.lr=1e-4 --set data.batch=4
     cpl-train --resume runs/three_task-20250101-120000    # continue exactly where it stopped
+    cpl-train --print-config --preset demo --set eval.every=50          # the effective settings
     torchrun --nproc-per-node 4 -m cpl_fast.train.cli --preset three_task --data /data/promptir
 
 A run folder (default ``runs/<name>-<timestamp>``, a new folder for every run) holds ``config.yaml``,
-``checkpoints/``, ``tensorboard/``, ``result.json`` (scores, history) and, when ``report.enabled``,
-``report.md`` with its figures. Each entry of ``baselines`` is trained the same way in a sub-folder of
+``checkpoints/``, ``train.log`` (the messages and a line every ``train.log_every`` steps),
+``tensorboard/``, ``result.json`` (scores, history) and, when ``report.enabled``, ``report.md`` with its
+figures. Each entry of ``baselines`` is trained the same way in a sub-folder of
 the run. A run locks its folder for as long as it runs, and a fresh run refuses a folder that already
 holds one unless ``--overwrite`` (see ``cpl_fast.train.run_folder``).
 
@@ -24,45 +26,14 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
-import yaml
+# Only what the argument parser needs is imported here: ``--help`` must not wait for torch.
+from cpl_fast.train.config import PRESET_NAMES
+from cpl_fast.train.run_folder import RunFolderError
 
-from cpl_fast.data import LayoutError
-from cpl_fast.data.io import error_text
-from cpl_fast.train.checkpointing import (
-    CHECKPOINT_DIR,
-    LATEST,
-    CheckpointError,
-    NonFiniteWeightsError,
-    checkpoint_folders,
-)
-from cpl_fast.train.config import (
-    PRESET_NAMES,
-    ConfigError,
-    apply_overrides,
-    cuda_requested,
-    dump_yaml,
-    flat_dotted,
-    load_config,
-    model_k_n,
-    parse_override,
-    read_yaml,
-    set_dotted,
-    validate,
-)
-from cpl_fast.train.memory_budget import MemoryBudgetError, check_step_memory
-from cpl_fast.train.report import RunResult, summary_text, write_report
-from cpl_fast.train.run_folder import (
-    RunFolderError,
-    RunLock,
-    check_folder_name,
-    clear_run,
-    create_unique_folder,
-    holds_run,
-    remove_if_unused,
-)
+if TYPE_CHECKING:
+    from cpl_fast.train.report import RunResult
 
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
@@ -83,16 +54,24 @@ def _parser() -> argparse.ArgumentParser:
                         help="start afresh in a --run-dir that already holds a run, deleting that run first")
     parser.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                         help="continue a run from its newest checkpoint (default: the newest run of "
-                             "this config's name)")
+                             "this config's name); with a larger train.iterations a finished run trains "
+                             "the extra steps, its schedule laid over the new length")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the effective config (defaults < preset < --config < --set) as YAML "
+                             "and exit; every setting is described in docs/CONFIG.md")
     return parser
 
 
 def _has_checkpoint(folder: Path) -> bool:
     """Whether a run folder has a checkpoint to resume (``latest``, or a step folder to fall back to)."""
+    from cpl_fast.train.checkpointing import CHECKPOINT_DIR, LATEST, checkpoint_folders
+
     return (folder / CHECKPOINT_DIR / LATEST).is_file() or bool(checkpoint_folders(folder))
 
 
 def _newest_run(config: Mapping[str, Any]) -> Path:
+    from cpl_fast.train.checkpointing import CHECKPOINT_DIR, LATEST, CheckpointError
+
     root = Path(config["run"]["root"])
     runs = (p for p in root.glob(f"{config['name']}-*") if (p / CHECKPOINT_DIR / LATEST).is_file())
     candidates = sorted(runs, key=lambda p: p.stat().st_mtime)
@@ -103,6 +82,8 @@ def _newest_run(config: Mapping[str, Any]) -> Path:
 
 def _check_names(config: Mapping[str, Any]) -> None:
     """The run's name and its baselines' are folder names: no path may leave ``run.root`` or the run."""
+    from cpl_fast.train.run_folder import check_folder_name
+
     check_folder_name(config["name"], "name")
     for name in config["baselines"]:
         check_folder_name(name, "every name under baselines")
@@ -110,6 +91,10 @@ def _check_names(config: Mapping[str, Any]) -> None:
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, bool]:
     """The config, the run folder (None: a new one under ``run.root``) and whether to resume."""
+    from cpl_fast.train.checkpointing import CheckpointError
+    from cpl_fast.train.config import load_config, parse_override, read_yaml, set_dotted, validate
+    from cpl_fast.train.run_folder import RunLock
+
     if args.resume is not None:
         if args.overwrite:
             raise RunFolderError("--overwrite starts a fresh run; it cannot be combined with --resume")
@@ -145,10 +130,12 @@ class _Claim:
     """A run folder this process holds: its lock, and the folders it created (removed if the start fails)."""
 
     folder: Path
-    lock: RunLock
+    lock: Any  # cpl_fast.train.run_folder.RunLock
     created: list[Path] = field(default_factory=list)
 
     def release(self, failed: bool) -> None:
+        from cpl_fast.train.run_folder import remove_if_unused
+
         self.lock.release()
         if failed:
             for folder in reversed(self.created):
@@ -172,6 +159,8 @@ def _missing(path: Path) -> list[Path]:
 
 def _claim(config: Mapping[str, Any], run_dir: Path | None, resume: bool, overwrite: bool) -> _Claim:
     """Create (exclusively) or open the run folder and lock it; refuse a fresh run on an existing one."""
+    from cpl_fast.train.run_folder import RunLock, clear_run, create_unique_folder, holds_run
+
     if run_dir is None:
         root = Path(config["run"]["root"])
         created = _missing(root)
@@ -203,30 +192,99 @@ def _claim(config: Mapping[str, Any], run_dir: Path | None, resume: bool, overwr
 def _broadcast(value: Any, info: Any) -> Any:
     if not info.enabled:
         return value
+    import torch.distributed as dist
+
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
+def _validation(config: Mapping[str, Any], trainer: Any) -> Any:
+    """The ``validate`` callable of ``Trainer.fit`` for ``eval.every`` (None when off or no test split):
+    the test split (the first ``eval.images_per_task`` of each task) scored with the run's protocol,
+    and ``eval.sample_images`` restored images (input | restored | target) for TensorBoard / W&B."""
+    cfg = config["eval"]
+    if not cfg["every"] or trainer.eval_set is None:
+        return None
+    import torch
+    from torch.utils.data import Subset
+
+    from cpl_fast.eval.inference import restore_image
+    from cpl_fast.eval.scoring import evaluate
+
+    full = trainer.eval_set
+    tasks = list(full.source.tasks)
+    chosen: list[int] = []
+    counts: dict[str, int] = {}
+    firsts: dict[str, int] = {}
+    for index, task in enumerate(tasks):
+        firsts.setdefault(task, index)
+        if counts.get(task, 0) < (cfg["images_per_task"] or len(tasks)):
+            chosen.append(index)
+            counts[task] = counts.get(task, 0) + 1
+    dataset = full if cfg["images_per_task"] is None else Subset(full, chosen)
+    samples = list(firsts.items())[:cfg["sample_images"]]
+
+    def validate(model: Any) -> dict[str, Any]:
+        scores = evaluate(model, dataset, trainer.device, trainer.dtype, max_images=cfg["max_images"])
+        images = {}
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for task, index in samples:
+                    item = full[index]
+                    restored = restore_image(model, item["input"].to(trainer.device, trainer.dtype)).image
+                    restored = restored.detach().float().cpu().clamp(0, 1).reshape(item["input"].shape)
+                    row = [item["input"], restored, item["target"]]
+                    images[f"samples/{task}"] = torch.cat([image.float().cpu() for image in row], dim=2)
+        finally:
+            model.train(was_training)
+        return {"scores": scores, "images": images}
+
+    return validate
+
+
+def _not_evaluated(config: Mapping[str, Any], trainer: Any) -> str:
+    if trainer.eval_set is None:
+        return "no test split"
+    if not config["eval"]["before_after"]:
+        return "eval.before_after is false"
+    return ""
+
+
 def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) -> RunResult | None:
-    """Train one run (evaluating before/after when asked); rank 0 returns its result, others None."""
+    """Train one run (evaluating before/after when asked); rank 0 returns its result, others None.
+
+    Resuming a finished run trains only when the config now asks for more steps (``train.iterations``);
+    otherwise it says so and returns the stored result."""
     import json
 
-    from cpl_fast.data.io import atomic_write_bytes
+    import torch.distributed as dist
+
+    from cpl_fast.atomic_files import atomic_write_bytes
     from cpl_fast.eval import evaluate
+    from cpl_fast.train.config import dump_yaml, model_k_n
+    from cpl_fast.train.memory_budget import check_step_memory
+    from cpl_fast.train.report import RunResult
     from cpl_fast.train.trainer import Trainer
 
-    if resume and (folder / RESULT_FILE).is_file():
-        return RunResult.load(folder / RESULT_FILE) if info.is_main else None
+    finished = resume and (folder / RESULT_FILE).is_file()
     resume = resume and _has_checkpoint(folder)
+    if finished and not resume:
+        return RunResult.load(folder / RESULT_FILE) if info.is_main else None
     trainer = Trainer(config, folder, resume=resume, info=info)
+    if finished and trainer.step >= trainer.total_steps:
+        trainer.log(f"{folder} finished at step {trainer.step} of {trainer.total_steps}: nothing to train "
+                    f"(raise train.iterations, e.g. --set train.iterations={trainer.step * 2}, to extend it)")
+        return RunResult.load(folder / RESULT_FILE) if info.is_main else None
     # Before the first step allocates: a crop or batch that cannot fit is refused here.
     check_step_memory(trainer.model, config, trainer.device, trainer.dtype,
                       features=getattr(trainer.context, "features", None), warn=trainer.log)
     # Only now that the data and model are known to be valid: a failed start leaves no run folder behind.
-    if info.is_main and not resume:
+    if info.is_main:
         folder.mkdir(parents=True, exist_ok=True)
-        dump_yaml(config, folder / CONFIG_FILE)
+        dump_yaml(config, folder / CONFIG_FILE)  # on resume: with the overrides it was resumed with
     evaluate_now = config["eval"]["before_after"] and trainer.eval_set is not None and info.is_main
 
     def score() -> dict[str, Any]:
@@ -238,25 +296,31 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
         if (folder / BEFORE_FILE).is_file():
             before = json.loads((folder / BEFORE_FILE).read_text(encoding="utf-8"))
         else:
-            print(f"evaluating {config['name']} before training ...", flush=True)
+            trainer.log(f"evaluating {config['name']} before training ...")
             before = score()
             atomic_write_bytes(folder / BEFORE_FILE, json.dumps(before).encode("utf-8"))
     if info.enabled:
         dist.barrier()
-    history = trainer.fit()
+    history = trainer.fit(validate=_validation(config, trainer) if info.is_main else None)
     if not info.is_main:
         return None
-    after = score() if config["eval"]["before_after"] and trainer.eval_set is not None else {}
+    if evaluate_now:
+        trainer.log(f"evaluating {config['name']} after training ...")
+    after = score() if evaluate_now else {}
     k, _ = model_k_n(config)
     result = RunResult(name=config["name"], model=config["model"]["preset"], k=k, objective=trainer.objective,
                        steps=trainer.step, wall_s=sum(h["seconds"] for h in history), history=history,
-                       before=before, after=after)
+                       before=before, after=after, not_evaluated=_not_evaluated(config, trainer),
+                       validations=list(trainer.validations))
     result.save(folder / RESULT_FILE)
     return result
 
 
-def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> list[RunResult]:
-    """The main run and its baselines, then the report (rank 0)."""
+def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> list[Any]:
+    """The main run and its baselines, then the report (rank 0); the runs' ``RunResult``."""
+    from cpl_fast.train.config import apply_overrides, flat_dotted
+    from cpl_fast.train.report import write_report
+
     runs = [(config, run_dir)]
     base = {key: value for key, value in config.items() if key != "baselines"}
     base = {**base, "baselines": {}, "report": {"enabled": False}}
@@ -277,21 +341,45 @@ def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> li
     return results
 
 
-# Refused before training: exit 2. Stopped while training: exit 1 (OSError covers disk full, permissions
-# and unreadable images; FloatingPointError a diverged run).
-_USAGE_ERRORS = (ConfigError, CheckpointError, LayoutError, RunFolderError, MemoryBudgetError,
-                 FileNotFoundError, yaml.YAMLError, UnicodeDecodeError)
-_RUN_ERRORS = (FloatingPointError, OSError)
+def _errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """Refused before training: exit 2. Stopped while training: exit 1 (OSError covers disk full,
+    permissions and unreadable images; FloatingPointError a diverged run)."""
+    import yaml
+
+    from cpl_fast.data.layouts import LayoutError
+    from cpl_fast.train.checkpointing import CheckpointError
+    from cpl_fast.train.config import ConfigError
+    from cpl_fast.train.memory_budget import MemoryBudgetError
+    from cpl_fast.train.run_log import MissingLoggerError
+
+    usage = (ConfigError, CheckpointError, LayoutError, RunFolderError, MemoryBudgetError, MissingLoggerError,
+             FileNotFoundError, yaml.YAMLError, UnicodeDecodeError)
+    return usage, (FloatingPointError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
     started = time.perf_counter()
+    from cpl_fast.data.io import error_text
+
+    usage_errors, run_errors = _errors()
     claim: _Claim | None = None
     failed = True
+    dist = None
     try:
         config, run_dir, resume = _resolve(args)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(dict(config), sort_keys=False), end="")
+            return 0
+        from cpl_fast.train.run_log import check_metric_backends
+
+        check_metric_backends(config)  # before anything of the run is created
+        import torch.distributed as dist
+
+        from cpl_fast.train.config import cuda_requested
         from cpl_fast.train.trainer import init_distributed
 
         info = init_distributed(cuda_requested(config))
@@ -310,10 +398,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"run folder: {run_dir}", flush=True)
         results = run(config, run_dir, resume, info)
         failed = False
-    except _USAGE_ERRORS as exc:
+    except usage_errors as exc:
         print(f"cpl-train: error: {error_text(exc)}", file=sys.stderr)
         return 2
-    except _RUN_ERRORS as exc:
+    except run_errors as exc:
+        from cpl_fast.train.checkpointing import NonFiniteWeightsError
+
         text = error_text(exc)
         if isinstance(exc, FloatingPointError) and not isinstance(exc, NonFiniteWeightsError):
             text += ("; the run diverged and stopped, its newest checkpoint holds the last saved finite "
@@ -323,9 +413,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if claim is not None:
             claim.release(failed)
-        if dist.is_available() and dist.is_initialized():
+        if dist is not None and dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if results:
+        from cpl_fast.train.report import summary_text
+
         print(summary_text(results))
         print(f"total wall time: {time.perf_counter() - started:.0f} s")
     return 0

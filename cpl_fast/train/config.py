@@ -44,7 +44,7 @@ DATA_LAYOUTS = ("embedded", "clean", "promptir3", "promptir5", "allweather", "cd
 # Every setting, with the paper's recipe as default. ``None`` means "not set" where noted.
 DEFAULTS: dict[str, Any] = {
     "name": "run",                 # the run folder is runs/<name>-<timestamp> unless run.dir is set
-    "seed": 0,
+    "seed": 0,                     # seeds torch, numpy, Python, the data order and the negatives
     "device": "auto",              # auto (cuda when available) | cpu | cuda | cuda:N
     "precision": "float32",        # parameter dtype: float32, or float64 for exactness checks
     "amp": "none",                 # none | bf16 | fp16 (GPU only)
@@ -59,11 +59,12 @@ DEFAULTS: dict[str, Any] = {
     "cpr": {
         # A named bundle of the settings below (see RECIPES); settings given explicitly win over it.
         "recipe": "stable",
-        "alpha": 0.01,
+        "alpha": 0.01,             # weight of the CPR term (fixed, or the start before calibration)
         "alpha_relative": 0.1,     # None: alpha fixed; r: alpha set at the first CPR step so that
                                    # alpha * L_pos = r * L1 there (the feature extractor's scale)
         "m": 4,                    # negatives per sample
-        "sampler": "mismatched_experts",
+        "sampler": "mismatched_experts",  # negatives: mismatched_experts (other experts of this
+                                          # image, the paper) | other_task (other tasks' routings)
         "memory_size": 16,         # other_task: routings remembered per task
         "form": "hinge",           # difference (paper) | ratio | hinge | logistic
         "distance": "l2",          # feature distance: l2 (mean squared, paper) | l1 (mean absolute)
@@ -91,10 +92,10 @@ DEFAULTS: dict[str, Any] = {
         "warn": True,              # warn when routing collapses or the prompt gap grows large
     },
     "optim": {
-        "name": "adam",
-        "lr": 2.0e-4,
-        "betas": [0.9, 0.999],
-        "weight_decay": 0.0,
+        "name": "adam",            # adam | adamw
+        "lr": 2.0e-4,              # base learning rate (the schedule multiplies it)
+        "betas": [0.9, 0.999],     # Adam's moment decays
+        "weight_decay": 0.0,       # L2 (adam) or decoupled (adamw) weight decay
         "grad_clip": None,         # max gradient norm; None = no clipping
         "accumulate": 1,           # micro-batches per optimiser step
     },
@@ -102,46 +103,51 @@ DEFAULTS: dict[str, Any] = {
         "name": "warmup_cosine",   # PromptIR's linear warm-up then cosine decay to min_lr
         "warmup_epochs": 15,       # of schedule_epochs; converted to iterations
         "schedule_epochs": 150,    # the recipe's length the warm-up fraction refers to
-        "min_lr": 0.0,
+        "min_lr": 0.0,             # the learning rate the cosine ends at
     },
     "data": {
-        "layout": "promptir3",
+        "layout": "promptir3",     # embedded | clean | promptir3 | promptir5 | allweather | cdd11 |
+                                   # weatherbench | paired (see cpl-data verify)
         "root": None,              # data root (--data ROOT); required for file layouts
         "train_split": None,       # None: the layout's training split
         "test_split": None,        # None: the layout's test split (where it has one)
         "test_root": None,         # clean / paired / weatherbench: a separate test folder
         "tasks": ["sr", "blur", "noise", "jpeg", "rain", "haze", "dark"],  # clean layout only
-        "crop": 128,
+        "crop": 128,               # training crop side in pixels
         "batch": 8,                # per process
         "augment": True,           # flips and rotations
         "balanced": True,          # same number of samples per task in each epoch
         "samples_per_epoch": None,  # None: the training set's size
-        "num_workers": 4,
+        "num_workers": 4,          # DataLoader worker processes (0: load in the training process)
         "skip_unreadable": False,  # true: a sample whose image cannot be read is skipped (warned, counted)
     },
     "train": {
-        "epochs": 150,
+        "epochs": 150,             # passes over samples_per_epoch (unless iterations is set)
         "iterations": None,        # optimiser steps; overrides epochs when set
-        "log_every": 10,
+        "log_every": 10,           # steps between log lines (train.log; the console without a bar)
         "cpu_allocator": "caching",  # CPU runs: caching (cpl_fast.memory) | system
     },
     "checkpoint": {
         "every": 1000,             # optimiser steps between checkpoints (and one at the end)
         "keep": 3,                 # most recent checkpoints kept
+        "keep_best": False,        # with eval.every: the best average PSNR so far in checkpoints/best
     },
     "ema": {
-        "enabled": False,
-        "decay": 0.999,
+        "enabled": False,          # keep an exponential moving average of the weights (evaluated)
+        "decay": 0.999,            # EMA decay per optimiser step
     },
     "logging": {
-        "progress": True,          # tqdm bar on rank 0
-        "tensorboard": True,
-        "wandb": False,
-        "wandb_project": "cpl_fast",
+        "progress": True,          # tqdm bar on rank 0 when the output is a terminal
+        "tensorboard": True,       # TensorBoard event files in RUN/tensorboard
+        "wandb": False,            # Weights & Biases (pip install wandb)
+        "wandb_project": "cpl_fast",  # the W&B project of the run
     },
     "eval": {
         "before_after": False,     # evaluate on the test split before and after training
         "max_images": None,        # cap per run (None: all)
+        "every": 0,                # validate on the test split every N steps and at the end (0: never)
+        "images_per_task": None,   # validation: the first N test images of each task (None: all)
+        "sample_images": 3,        # validation: restored images sent to TensorBoard / W&B (one per task)
     },
     "report": {
         "enabled": False,          # markdown + figures in the run folder
@@ -150,7 +156,7 @@ DEFAULTS: dict[str, Any] = {
     "baselines": {},
     "run": {
         "dir": None,               # None: runs/<name>-<timestamp>
-        "root": "runs",
+        "root": "runs",            # where new run folders are made
     },
 }
 
@@ -580,6 +586,12 @@ def validate(config: Mapping[str, Any]) -> None:
         _need(isinstance(config["logging"][key], bool), f"logging.{key} must be true or false")
     _need(isinstance(config["eval"]["before_after"], bool), "eval.before_after must be true or false")
     _check_int(config, "eval.max_images", 1, optional=True)
+    _check_int(config, "eval.every", 0)
+    _check_int(config, "eval.images_per_task", 1, optional=True)
+    _check_int(config, "eval.sample_images", 0)
+    _need(isinstance(config["checkpoint"]["keep_best"], bool), "checkpoint.keep_best must be true or false")
+    _need(not config["checkpoint"]["keep_best"] or config["eval"]["every"] > 0,
+          "checkpoint.keep_best keeps the best validation: it needs eval.every > 0 (validate every N steps)")
     _need(isinstance(config["report"]["enabled"], bool), "report.enabled must be true or false")
     _need(isinstance(config["baselines"], Mapping), "baselines must map names to overrides")
     for name, dotted in config["baselines"].items():

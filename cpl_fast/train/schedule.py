@@ -50,15 +50,23 @@ def warmup_iterations(warmup_epochs: float, schedule_epochs: float, total: int) 
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total: int, warmup_epochs: float = 15,
-                    schedule_epochs: float = 150, min_lr: float = 0.0) -> LambdaLR:
-    """A per-step scheduler by name (``warmup_cosine`` or ``constant``) over ``total`` steps."""
-    if name == "constant":
-        return LambdaLR(optimizer, Constant())
-    if name != "warmup_cosine":
+                    schedule_epochs: float = 150, min_lr: float = 0.0, start: int = 0) -> LambdaLR:
+    """A per-step scheduler by name (``warmup_cosine`` or ``constant``) over ``total`` steps.
+
+    ``start > 0``: the scheduler of a run that has taken ``start`` steps already (the optimiser holds its
+    ``initial_lr``): the next step trains at ``factor(start)``. A run extended to a new length uses it
+    to lay the schedule over the new ``total`` from where it stands.
+    """
+    if name not in ("constant", "warmup_cosine"):
         raise ValueError(f"unknown schedule {name!r}; choose warmup_cosine or constant")
-    base = optimizer.param_groups[0]["lr"]
+    if start < 0 or (start > 0 and "initial_lr" not in optimizer.param_groups[0]):
+        raise ValueError(f"start={start}: a scheduler can start late only on an optimiser that has been "
+                         f"scheduled (its param groups hold initial_lr)")
+    if name == "constant":
+        return LambdaLR(optimizer, Constant(), last_epoch=start - 1)
+    base = optimizer.param_groups[0].get("initial_lr", optimizer.param_groups[0]["lr"])
     floor = min_lr / base if base > 0 else 0.0
     if floor > 1.0:
         raise ValueError(f"schedule.min_lr={min_lr} exceeds the learning rate {base}")
     warmup = warmup_iterations(warmup_epochs, schedule_epochs, total)
-    return LambdaLR(optimizer, WarmupCosine(warmup, total, floor))
+    return LambdaLR(optimizer, WarmupCosine(warmup, total, floor), last_epoch=start - 1)

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
-import json
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,13 +53,14 @@ from cpl_fast.eval.health import prompt_gap_db
 from cpl_fast.eval.loading import model_from_config
 from cpl_fast.losses import CPRLoss, build_features
 from cpl_fast.models import Routing
-from cpl_fast.train.checkpointing import load_newest_checkpoint, save_checkpoint
+from cpl_fast.train.checkpointing import load_newest_checkpoint, save_best, save_checkpoint
 from cpl_fast.train.config import ConfigError, model_k_n, router_balance
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.health import TrainingHealth
 from cpl_fast.train.literal_step import literal_cpl_step
 from cpl_fast.train.loop_step import loop_cpl_step
 from cpl_fast.train.router_balance import load_balancing_loss, update_route_bias
+from cpl_fast.train.run_log import MetricSinks, RunLog, console_echo
 from cpl_fast.train.samplers import OtherTask, build_sampler
 from cpl_fast.train.schedule import build_scheduler
 from cpl_fast.train.step_inputs import unpack_batch
@@ -217,6 +218,10 @@ class StepModule(nn.Module):
                          sampler=context.sampler, m=context.m, generator=context.generator, **extra)
 
 
+# validate(model) -> {"scores": {task: scores}, "images": {name: (3, H, W) tensor}}; see Trainer.fit.
+Validate = Callable[[nn.Module], Mapping[str, Any]]
+
+
 @dataclass
 class StepContext:
     """What a step needs besides the model and the batch (kept out of DDP's module tree)."""
@@ -310,11 +315,12 @@ class Trainer:
     newest checkpoint of ``run_dir`` exactly."""
 
     def __init__(self, config: Mapping[str, Any], run_dir: str | Path, resume: bool = False,
-                 info: DistInfo | None = None, log: Callable[[str], None] = print) -> None:
+                 info: DistInfo | None = None, log: Callable[[str], None] | None = console_echo) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
         self.info = info or DistInfo()
-        self.log = log if self.info.is_main else (lambda message: None)
+        # Messages go to ``log`` (the console by default; None: silent) and to RUN/train.log (rank 0).
+        self.log = RunLog(log if self.info.is_main else None)
         if config["threads"] is not None:
             torch.set_num_threads(config["threads"])
         self.device = resolve_device(config["device"], self.info)
@@ -354,6 +360,8 @@ class Trainer:
         # alpha / tau set from the first CPR batch (cpr.alpha_relative, logistic tau: null): saved with
         # the trainer state so a resumed run keeps them.
         self.cpr_calibration: dict[str, float] = {}
+        self.validations: list[dict[str, float]] = []   # eval.every: the scores of each validation
+        self.best: dict[str, float] | None = None         # checkpoint.keep_best: the best validation
         self.health = TrainingHealth(self.model, self.config, self.log)
         self._iterator = None
         if resume:
@@ -444,7 +452,8 @@ class Trainer:
                 "negative_generator": self.context.generator.get_state(),
                 "loader_generator": self.loader_generator.get_state(),
                 "sampler_memory": self._sampler_memory(), "history": self.history,
-                "cpr_calibration": dict(self.cpr_calibration), "health": self.health.state_dict()}
+                "cpr_calibration": dict(self.cpr_calibration), "health": self.health.state_dict(),
+                "validations": list(self.validations), "best": self.best}
 
     def info_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
@@ -474,6 +483,9 @@ class Trainer:
         self.step, self.epoch, self.batches_in_epoch = info["step"], info["epoch"], info["batches_in_epoch"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        saved_total = info.get("total_steps", self.total_steps)
+        if saved_total != self.total_steps and self.step < self.total_steps:
+            self._relay_schedule(saved_total)
         self.scaler.load_state_dict(state["scaler"])
         self.context.generator.set_state(state["negative_generator"])
         self.loader_generator.set_state(state["loader_generator"])
@@ -484,9 +496,23 @@ class Trainer:
         self.history = list(state["history"])
         self.cpr_calibration = dict(state.get("cpr_calibration") or {})
         self.health.load_state_dict(state.get("health") or {})
+        self.validations = list(state.get("validations") or [])
+        self.best = state.get("best")
         restore_rng(state["rng"])
         self.log(f"resumed {self.run_dir} at step {self.step} "
                  f"(epoch {self.epoch}, batch {self.batches_in_epoch})")
+
+    def _relay_schedule(self, saved_total: int) -> None:
+        """A run resumed with a new length (``train.iterations``): the schedule is laid over the new
+        length and continues from the current step (the warm-up, long done, is not repeated)."""
+        sched = self.config["schedule"]
+        before = self.scheduler.get_last_lr()[0]
+        self.scheduler = build_scheduler(self.optimizer, sched["name"], self.total_steps,
+                                         sched["warmup_epochs"], sched["schedule_epochs"], sched["min_lr"],
+                                         start=self.step)
+        self.log(f"the run was {saved_total} steps long and is now {self.total_steps}: the {sched['name']} "
+                 f"schedule is laid over {self.total_steps} steps and continues at step {self.step} "
+                 f"(learning rate {before:.3g} -> {self.scheduler.get_last_lr()[0]:.3g})")
 
     # ------------------------------------------------------------------------------ loop
 
@@ -637,49 +663,59 @@ class Trainer:
         """The weights to evaluate: the EMA when enabled, else the model."""
         return self.ema.module if self.ema is not None else self.model
 
-    def fit(self) -> list[dict[str, float]]:
-        """Train until ``total_steps``; checkpoint every ``checkpoint.every`` steps and at the end."""
+    def fit(self, validate: Validate | None = None) -> list[dict[str, float]]:
+        """Train until ``total_steps``; checkpoint every ``checkpoint.every`` steps and at the end.
+
+        ``validate(model)`` (rank 0) scores the model every ``eval.every`` steps and after the last:
+        it returns ``{"scores": per-task scores as cpl_fast.eval.evaluate gives them, "images": {name:
+        (3, H, W) tensor}}``; the scores go to the log, TensorBoard and W&B, and with
+        ``checkpoint.keep_best`` the best average PSNR so far is kept in ``RUN/checkpoints/best``.
+        """
         from tqdm.auto import tqdm
 
         cfg = self.config
-        writer = self._tensorboard()
-        wandb_run = self._wandb()
+        if self.info.is_main:
+            self.log.open(self.run_dir)
+        sinks = MetricSinks(cfg, self.run_dir, self.step, enabled=self.info.is_main)
+        # A bar only on a terminal: redirected output gets one plain line every log_every steps instead
+        # of carriage-return updates.
+        self.bar_shown = cfg["logging"]["progress"] and self.info.is_main and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg['name']} [{self.objective}]",
-                   disable=not (cfg["logging"]["progress"] and self.info.is_main), dynamic_ncols=True)
+                   disable=not self.bar_shown, dynamic_ncols=True)
         start_step, started = self.step, time.perf_counter()
         try:
             with self._cpu_allocator():
-                self._fit_steps(bar, writer, wandb_run, start_step, started)
+                self._fit_steps(bar, sinks, start_step, started, validate)
             path = self.save()
             self.log(f"checkpoint {path}")
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
-            if wandb_run is not None:
-                wandb_run.finish()
+            sinks.close()
         return self.history
 
-    def _fit_steps(self, bar, writer, wandb_run, start_step: int, started: float) -> None:
-        """The step loop of ``fit``: step, log, checkpoint every ``checkpoint.every`` steps."""
+    def _fit_steps(self, bar, sinks: MetricSinks, start_step: int, started: float,
+                   validate: Validate | None) -> None:
+        """The step loop of ``fit``: step, log, validate, checkpoint every ``checkpoint.every`` steps."""
         cfg = self.config
         images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
+        log_every, eval_every = cfg["train"]["log_every"], cfg["eval"]["every"]
         gaps: list[float] = []
         shown: dict[str, float] = {}       # the latest health values, for the progress bar
         while self.step < self.total_steps:
             tick = time.perf_counter()
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
             terms = self.train_step()
             elapsed = time.perf_counter() - tick
-            terms.update(lr=self.scheduler.get_last_lr()[0], seconds=elapsed, step=self.step,
+            terms.update(lr=lr, seconds=elapsed, step=self.step,
                          images_per_s=images_per_step / max(elapsed, 1e-9))
             if "prompt_gap" in terms:
                 gaps.append(terms["prompt_gap"])
-            if self.step % cfg["train"]["log_every"] == 0 or self.step == self.total_steps:
+            last = self.step == self.total_steps
+            if self.step % log_every == 0 or last:
                 gap = sum(gaps) / len(gaps) if gaps else None
                 gaps.clear()
                 terms.update(self.health.summary(self.step, gap))
             self.history.append(terms)
-            bar.update(1)
             shown.update({key: value for key, value in terms.items() if key == "prompt_gap"
                           or key.startswith("task_info_l")})
             health = {}
@@ -688,45 +724,53 @@ class Trainer:
             infos = [v for k, v in shown.items() if k.startswith("task_info_l")]
             if infos:
                 health["task_bits"] = f"{max(infos):.2f}"
-            bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}",
-                            cpr=f"{terms['cpr']:.2e}", img_s=f"{terms['images_per_s']:.1f}", **health,
-                            refresh=False)
-            if writer is not None:
-                for key, value in terms.items():
-                    if key != "step":
-                        writer.add_scalar(f"{_log_group(key)}/{key}", value, self.step)
-            if wandb_run is not None:
-                wandb_run.log(terms, step=self.step)
-            if not cfg["logging"]["progress"] and self.step % cfg["train"]["log_every"] == 0:
-                done = self.step - start_step
-                eta = (time.perf_counter() - started) / done * (self.total_steps - self.step)
-                health = "".join(f" {key} {terms[key]:.2f}" for key in sorted(terms)
-                                 if _log_group(key) == "health")
-                self.log(f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} "
-                         f"l1 {terms['l1']:.5f} cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} "
-                         f"{terms['images_per_s']:.1f} img/s eta {eta:.0f}s{health}")
+            # The postfix first, then the count: the bar shows this step's numbers with this step.
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}", cpr=f"{terms['cpr']:.2e}",
+                            lr=f"{lr:.1e}", img_s=f"{terms['images_per_s']:.1f}", **health, refresh=False)
+            bar.update(1)
+            sinks.scalars({key: value for key, value in terms.items() if key != "step"}, self.step,
+                          _log_group)
+            if self.step % log_every == 0 or last:
+                self.log(self._step_line(terms, start_step, started), file_only=self.bar_shown)
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
-            if self.step % cfg["checkpoint"]["every"] == 0 and self.step < self.total_steps:
+            if validate is not None and self.info.is_main and eval_every and (self.step % eval_every == 0
+                                                                              or last):
+                self._validate(validate, sinks)
+            if self.step % cfg["checkpoint"]["every"] == 0 and not last:
                 path = self.save()
                 self.log(f"checkpoint {path}")
 
-    def _tensorboard(self):
-        if not (self.config["logging"]["tensorboard"] and self.info.is_main):
-            return None
-        from torch.utils.tensorboard import SummaryWriter
+    def _step_line(self, terms: Mapping[str, float], start_step: int, started: float) -> str:
+        done = self.step - start_step
+        eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
+        health = "".join(f" {key} {terms[key]:.2f}" for key in sorted(terms) if _log_group(key) == "health")
+        return (f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} l1 {terms['l1']:.5f} "
+                f"cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} {terms['images_per_s']:.1f} img/s "
+                f"eta {eta:.0f}s{health}")
 
-        writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
-        writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```", self.step)
-        return writer
-
-    def _wandb(self):
-        if not (self.config["logging"]["wandb"] and self.info.is_main):
-            return None
-        try:
-            import wandb
-        except ImportError as exc:
-            raise ConfigError("logging.wandb=true but wandb is not installed: pip install wandb (or leave "
-                              "logging.wandb=false; TensorBoard logs are written by default)") from exc
-        return wandb.init(project=self.config["logging"]["wandb_project"], name=self.run_dir.name,
-                          dir=str(self.run_dir), config=dict(self.config), resume="allow")
+    def _validate(self, validate: Validate, sinks: MetricSinks) -> None:
+        """Score the evaluation weights, report the scores, keep the best (``checkpoint.keep_best``)."""
+        result = validate(self.eval_model())
+        scores = result["scores"]
+        if not scores:
+            return
+        values = {"psnr": float(np.mean([s["psnr"] for s in scores.values()])),
+                  "ssim": float(np.mean([s["ssim"] for s in scores.values()]))}
+        values.update({f"psnr_{task}": s["psnr"] for task, s in scores.items()})
+        levels = len(next(iter(scores.values()))["levels"])
+        for level in range(levels):
+            values[f"selection_entropy_l{level}"] = float(np.mean(
+                [s["levels"][level]["selection_entropy"] for s in scores.values() if s["levels"]]))
+        sinks.scalars(values, self.step, lambda key: "eval")
+        sinks.images(result.get("images") or {}, self.step)
+        self.validations.append({"step": self.step, **values})
+        per_task = ", ".join(f"{task} {s['psnr']:.2f}" for task, s in scores.items())
+        self.log(f"validation at step {self.step}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.4f} "
+                 f"({per_task})")
+        better = self.best is None or values["psnr"] > self.best["psnr"]
+        if self.config["checkpoint"]["keep_best"] and better:
+            self.best = {"step": self.step, **values}
+            path = save_best(self.run_dir, self.model, self.best,
+                             ema=self.ema.module if self.ema is not None else None)
+            self.log(f"best so far (PSNR {values['psnr']:.2f} dB at step {self.step}): {path}")
