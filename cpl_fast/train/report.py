@@ -158,71 +158,158 @@ def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> st
     return "\n".join(out)
 
 
-def _selection(level: Mapping[str, Any]) -> list[float]:
-    """The average selection distribution of a level (normalised counts, or mean softmax when dense)."""
-    values = level["mean_probs"] if level["dense"] else level["counts"]
-    total = sum(values)
-    return [v / total for v in values] if total > 0 else values
+# The loss terms a run's history records (cpl_fast.train.trainer: train_step), one panel each, in this
+# order; a term a run does not have (an L1-only run records 0 for the CPR terms) is left out of it.
+LOSS_PANELS = (("loss", "total loss"), ("l1", "L1 reconstruction"), ("cpr", "CPR term (alpha x regulariser)"),
+               ("l_pos", "L_pos: restored vs target features"), ("l_neg", "L_neg: negatives vs restored"),
+               ("router_aux", "router load-balancing term"))
 
 
-def write_figures(runs: Sequence[RunResult], folder: Path) -> list[Path]:
-    """``loss_curves.png``, ``psnr_per_task.png``, ``selection_histograms.png`` in ``folder``."""
-    import matplotlib
+def _placeholder(plt, text: str):
+    """A small figure saying why there is nothing to draw (instead of empty axes)."""
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+    ax.set_axis_off()
+    return fig
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for run in runs:
-        steps = [h["step"] for h in run.history]
-        axes[0].plot(steps, [h["loss"] for h in run.history], label=f"{run.name} ({run.objective})")
-        axes[1].plot(steps, [h["l1"] for h in run.history], label=run.name)
-    axes[0].set(title="training loss", xlabel="step")
-    axes[1].set(title="L1 term", xlabel="step")
-    for ax in axes:
-        ax.legend()
+def _not_evaluated(runs: Sequence[RunResult]) -> str:
+    reasons = dict.fromkeys(run.not_evaluated or "no test split" for run in runs if not run.after)
+    return "nothing evaluated: " + ("; ".join(reasons) or "no runs")
+
+
+def smooth(values: Sequence[float]) -> list[float]:
+    """Debiased exponential moving average with a span of about a tenth of the curve (short curves
+    stay raw): the trend of a noisy per-step loss without the lag of an undebiased start."""
+    span = max(1, len(values) // 10)
+    decay = 1.0 - 2.0 / (span + 1)
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = decay * average + (1.0 - decay) * value
+        out.append(average / (1.0 - decay ** i))
+    return out
+
+
+def _curve(run: RunResult, key: str) -> tuple[list[float], list[float]]:
+    """``(steps, values)`` of one history key, finite entries only; empty when the run never had the
+    term (absent, or 0 at every step)."""
+    pairs = [(h["step"], h[key]) for h in run.history
+             if h.get(key) is not None and math.isfinite(h[key]) and "step" in h]
+    if not any(value != 0 for _, value in pairs):
+        return [], []
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def loss_figure(runs: Sequence[RunResult]):
+    """One panel per loss term some run recorded (``LOSS_PANELS``): raw per-step values faint, the
+    ``smooth`` trend solid, one colour per run; the legend below the panels."""
+    from cpl_fast.eval.analysis import _plt
+
+    plt = _plt()
+    panels = [(key, name) for key, name in LOSS_PANELS if any(_curve(run, key)[0] for run in runs)]
+    if not panels:
+        return _placeholder(plt, "no training history recorded")
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.3 * cols, 3.1 * rows + 0.5), squeeze=False)
+    for ax, (key, name) in zip(axes.ravel(), panels):
+        for r, run in enumerate(runs):
+            steps, values = _curve(run, key)
+            if not steps:
+                continue
+            ax.plot(steps, values, color=f"C{r}", alpha=0.25, lw=0.8)
+            ax.plot(steps, smooth(values), color=f"C{r}", lw=1.6, label=f"{run.name} ({run.objective})")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "loss_curves.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+        ax.tick_params(labelsize=8)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_axis_off()
+    labels = {}
+    for ax in axes.ravel()[:len(panels)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    fig.legend(list(labels.values()), list(labels), loc="lower center", ncol=min(4, len(labels)), fontsize=8,
+               frameon=False, title="solid: moving average; faint: every step", title_fontsize=8)
+    fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))  # the legend's strip, in inches
+    return fig
 
+
+def _psnr_range(values: Sequence[float]) -> tuple[float, float]:
+    """A y range around the bars' values: bars that all sit near 25-35 dB would differ by a few pixels
+    on an axis from 0; the margin keeps the smallest visible and leaves room above the largest."""
+    lo, hi = min(values), max(values)
+    pad = max(0.5, 0.12 * (hi - lo))
+    return max(0.0, lo - 2 * pad), hi + pad
+
+
+def psnr_figure(runs: Sequence[RunResult], inputs: Mapping[str, Mapping[str, Any]] | None = None):
+    """PSNR per task: the degraded inputs' (when given: ``cpl_fast.eval.scoring.score_inputs`` on the
+    test set) beside every evaluated run's before (faint) and after training; the y axis spans the data."""
+    from cpl_fast.eval.analysis import _plt
+
+    plt = _plt()
     evaluated = [run for run in runs if run.after]
-    tasks = sorted({task for run in evaluated for task in run.after})
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks)), 4))
-    width = 0.8 / max(1, 2 * len(evaluated))
+    tasks = sorted({task for run in evaluated for task in run.after} | set(inputs or {}))
+    series = []  # (label, {task: psnr}, style)
+    if inputs:
+        series.append(("degraded input", {t: s["psnr"] for t, s in inputs.items()},
+                       {"color": "0.6", "hatch": "//", "edgecolor": "0.35"}))
     for r, run in enumerate(evaluated):
-        for s, (stage, data) in enumerate((("before", run.before), ("after", run.after))):
-            offset = (2 * r + s) * width - 0.4 + width / 2
-            ax.bar([i + offset for i in range(len(tasks))], [data.get(t, {}).get("psnr", 0.0) for t in tasks],
-                   width, label=f"{run.name} {stage}", alpha=0.55 if stage == "before" else 1.0)
-    ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(ylabel="PSNR (dB)", title="PSNR per task, before and after training")
-    ax.legend(fontsize=8)
+        if run.before:
+            series.append((f"{run.name} before", {t: s["psnr"] for t, s in run.before.items()},
+                           {"color": f"C{r}", "alpha": 0.4}))
+        series.append((f"{run.name} after", {t: s["psnr"] for t, s in run.after.items()}, {"color": f"C{r}"}))
+    if not series:
+        return _placeholder(plt, _not_evaluated(runs))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.34 * len(series) * len(tasks) + 2), 4.4))
+    width = 0.8 / max(1, len(series))
+    shown = []
+    for s, (label, scores, style) in enumerate(series):
+        xs = [i + (s - (len(series) - 1) / 2) * width for i, t in enumerate(tasks)
+              if scores.get(t) is not None and math.isfinite(scores[t])]
+        heights = [scores[t] for t in tasks if scores.get(t) is not None and math.isfinite(scores[t])]
+        bars = ax.bar(xs, heights, width, label=label, **style)
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+        shown += heights
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20 if len(tasks) > 4 else 0,
+                  ha="right" if len(tasks) > 4 else "center")
+    if shown:
+        ax.set_ylim(*_psnr_range(shown))
+    ax.set(ylabel="PSNR (dB)", title="PSNR per task: " + ("degraded input, " if inputs else "")
+           + "before and after training")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16 if len(tasks) > 4 else -0.1),
+              ncol=min(5, max(1, len(series))), frameon=False)
     fig.tight_layout()
-    paths.append(folder / "psnr_per_task.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    return fig
 
-    levels = max((len(next(iter(run.after.values()))["levels"]) for run in evaluated), default=1)
-    fig, axes = plt.subplots(max(1, len(evaluated)), levels, figsize=(4 * levels, 3 * max(1, len(evaluated))),
-                             squeeze=False)
-    for r, run in enumerate(evaluated):
-        for level in range(levels):
-            ax = axes[r][level]
-            bar_width = 0.8 / max(1, len(run.after))
-            for t, (task, data) in enumerate(run.after.items()):
-                dist = _selection(data["levels"][level])
-                ax.bar([e + t * bar_width - 0.4 + bar_width / 2 for e in range(len(dist))], dist, bar_width,
-                       label=task)
-            ax.set(title=f"{run.name}: level {level} (after)", xlabel="expert", ylabel="share")
-            if level == 0:
-                ax.legend(fontsize=7)
-    fig.tight_layout()
+
+def write_figures(runs: Sequence[RunResult], folder: Path,
+                  inputs: Mapping[str, Mapping[str, Any]] | None = None) -> list[Path]:
+    """``loss_curves.png`` (``loss_figure``), ``psnr_per_task.png`` (``psnr_figure``; ``inputs``: the
+    degraded inputs' per-task scores) and ``selection_histograms.png`` (the histogram layout of
+    ``cpl-analyze``: one row per evaluated run and level, one column per task) in ``folder``."""
+    from cpl_fast.eval.analysis import _plt, plot_selection_histograms
+
+    plt = _plt()
+    paths = []
+    for name, fig in (("loss_curves.png", loss_figure(runs)),
+                      ("psnr_per_task.png", psnr_figure(runs, inputs))):
+        paths.append(folder / name)
+        fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
+    # Runs with scores and routing statistics (a model without prompts records no levels).
+    tables = {run.name: {task: scores["levels"] for task, scores in run.after.items() if scores["levels"]}
+              for run in runs if run.after}
+    evaluated = {name: table for name, table in tables.items() if table}
     paths.append(folder / "selection_histograms.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    if evaluated:
+        plot_selection_histograms(evaluated, paths[-1], title="after training")
+    else:
+        fig = _placeholder(plt, _not_evaluated(runs))
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
     return paths
 
 
