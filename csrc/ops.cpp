@@ -27,4 +27,19 @@ TORCH_LIBRARY(cpl_fast, m) {
   m.def(
       "_cpr_distances_backward(Tensor grad_l_pos, Tensor grad_l_neg, Tensor f_pos, Tensor f_gt, Tensor f_neg, "
       "Tensor? neg_weights) -> (Tensor, Tensor, Tensor)");
+  // Layer norm over the channels of every pixel of an NCHW map x (B, C, *):
+  //   with bias:  out = (x - mean_c x) * rstd * weight + bias   (Restormer's WithBias_LayerNorm)
+  //   bias None:  out = x * rstd * weight                        (Restormer's BiasFree_LayerNorm)
+  // rstd = 1 / sqrt(var_c x + eps), biased variance. -> (out, mean, rstd); mean and rstd (B, *) in the
+  // accumulation type (float64 for float64, else float32), kept for the backward.
+  m.def("channel_layernorm(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_x, grad_weight, grad_bias); grad_bias is sum(grad_out) per channel whether or not the norm has
+  // a bias, and the normalised value is the bias-free one when with_bias is false.
+  m.def(
+      "_channel_layernorm_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor mean, Tensor rstd, "
+      "bool with_bias) -> (Tensor, Tensor, Tensor)");
+  // x (B, 2C, *) -> gelu(x[:, :C]) * x[:, C:], exact (erf) GELU: the gate of Restormer's feed-forward network.
+  m.def("gated_gelu(Tensor x) -> Tensor");
+  // -> grad_x (B, 2C, *)
+  m.def("_gated_gelu_backward(Tensor grad_out, Tensor x) -> Tensor");
 }

@@ -51,3 +51,33 @@ def cpr_distances_reference(f_pos: torch.Tensor, f_gt: torch.Tensor, f_neg: torc
     if neg_weights is not None:
         d_neg = d_neg * neg_weights.t().to(d_neg.dtype)
     return l_pos, d_neg.mean(0)
+
+
+def channel_layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                                eps: float = 1e-5) -> torch.Tensor:
+    """Layer norm over the channels of every pixel of ``x (B, C, ...)``, as Restormer writes it.
+
+    With ``bias``: ``(x - mu) / sqrt(var + eps) * weight + bias`` (``WithBias_LayerNorm``); without:
+    ``x / sqrt(var + eps) * weight`` (``BiasFree_LayerNorm``: the mean is not subtracted from ``x``, the
+    variance is the centred one). ``mu`` and ``var`` (biased) are over dim 1. The published code transposes
+    to ``(B, HW, C)`` and back (``to_3d``/``to_4d``); reducing over dim 1 in place is the same function.
+    """
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    mu = x.mean(1, keepdim=True)
+    var = x.var(1, keepdim=True, unbiased=False)
+    if bias is None:
+        return x / torch.sqrt(var + eps) * weight.view(shape)
+    return (x - mu) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+def gated_gelu_reference(x: torch.Tensor) -> torch.Tensor:
+    """Restormer's feed-forward gate: ``gelu(x1) * x2`` for the two channel halves ``x1, x2`` of ``x``
+    ``(B, 2C, ...)`` (exact, erf GELU)."""
+    x1, x2 = x.chunk(2, dim=1)
+    return F.gelu(x1) * x2
+
+
+def pointwise_conv_reference(x: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The 1x1 convolution ``F.conv2d(x, weight, bias)`` with ``weight (O, C, 1, 1)``."""
+    return F.conv2d(x, weight, bias)
