@@ -21,6 +21,7 @@ from cpl_fast.models.registry import register_model
 from cpl_fast.models.restormer import (
     Downsample,
     OverlapPatchEmbed,
+    PointwiseConv2d,
     TransformerBlock,
     Upsample,
     transformer_stage,
@@ -90,23 +91,23 @@ class SparsePromptIR(nn.Module):
         # Level 4 -> 3: the latent's prompt; the published code reduces to 4 dim before upsampling.
         self.prompt3 = spm(2, d4)
         self.noise_level3 = TransformerBlock(d4 + prompt_dims[2], prompt_heads, ffn)
-        self.reduce_noise_level3 = nn.Conv2d(d4 + prompt_dims[2], d3, kernel_size=1, bias=False)
+        self.reduce_noise_level3 = PointwiseConv2d(d4 + prompt_dims[2], d3)
         self.up4_3 = Upsample(d3)
-        self.reduce_chan_level3 = nn.Conv2d(d2 + d3, d3, kernel_size=1, bias=False)
+        self.reduce_chan_level3 = PointwiseConv2d(d2 + d3, d3)
         self.decoder_level3 = transformer_stage(d3, heads[2], num_blocks[2], ffn)
 
         # Level 3 -> 2.
         self.prompt2 = spm(1, d3)
         self.noise_level2 = TransformerBlock(d3 + prompt_dims[1], prompt_heads, ffn)
-        self.reduce_noise_level2 = nn.Conv2d(d3 + prompt_dims[1], d3, kernel_size=1, bias=False)
+        self.reduce_noise_level2 = PointwiseConv2d(d3 + prompt_dims[1], d3)
         self.up3_2 = Upsample(d3)
-        self.reduce_chan_level2 = nn.Conv2d(d2 + d2, d2, kernel_size=1, bias=False)
+        self.reduce_chan_level2 = PointwiseConv2d(d2 + d2, d2)
         self.decoder_level2 = transformer_stage(d2, heads[1], num_blocks[1], ffn)
 
         # Level 2 -> 1: no channel reduction after the skip concat, so level 1 decodes at 2 dim.
         self.prompt1 = spm(0, d2)
         self.noise_level1 = TransformerBlock(d2 + prompt_dims[0], prompt_heads, ffn)
-        self.reduce_noise_level1 = nn.Conv2d(d2 + prompt_dims[0], d2, kernel_size=1, bias=False)
+        self.reduce_noise_level1 = PointwiseConv2d(d2 + prompt_dims[0], d2)
         self.up2_1 = Upsample(d2)
         self.decoder_level1 = transformer_stage(d2, heads[0], num_blocks[0], ffn)
         self.refinement = transformer_stage(d2, heads[0], num_refinement_blocks, ffn)
@@ -140,7 +141,7 @@ class SparsePromptIR(nn.Module):
         used: list[Routing] = []
 
         def prompted(x: torch.Tensor, level: int, spm: SparsePromptModule, block: TransformerBlock,
-                     reduce: nn.Conv2d) -> torch.Tensor:
+                     reduce: PointwiseConv2d) -> torch.Tensor:
             prompt, chosen = spm(x, routing[level])
             used.append(chosen)
             return reduce(block(torch.cat([x, prompt], dim=1)))

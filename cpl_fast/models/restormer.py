@@ -3,12 +3,63 @@
 The attribute names mirror the published modules so that their checkpoints load key for key
 (``encoder_level1.0.norm1.body.weight``, ``...attn.qkv_dwconv.weight``, ``...ffn.project_in.weight``).
 Every convolution is bias-free, as in the published ``bias=False`` configuration.
+
+Fused ops. By default the blocks compute through cpl_fast's backbone ops: the channel layer norm of
+``LayerNorm`` (:func:`cpl_fast.ops.channel_layernorm`: no transposes to and from ``(B, HW, C)``), the
+feed-forward gate (:func:`cpl_fast.ops.gated_gelu`) and every 1x1 convolution
+(:class:`PointwiseConv2d`: a GEMM over the channels on the CPU). Each module's ``ops`` attribute
+(``"fused"`` or ``"reference"``; :func:`set_backbone_ops` sets it on a whole model) chooses; ``"reference"``
+is the published composite, line for line. Both are the same function (tests/test_fused_model.py compares
+the whole model's outputs and gradients). While ``torch.export`` or TorchScript traces a model the blocks
+take the reference composites whatever ``ops`` says, so an exported graph holds standard operators only
+(the ONNX export relies on it).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from cpl_fast.ops.channel_layernorm import channel_layernorm
+from cpl_fast.ops.gated_gelu import gated_gelu
+from cpl_fast.ops.pointwise_conv import pointwise_conv
+
+BACKBONE_OPS = ("fused", "reference")
+
+
+def _fused(module: nn.Module) -> bool:
+    """Whether ``module`` computes through the fused ops now (never while a graph is exported or traced)."""
+    if module.ops not in BACKBONE_OPS:
+        raise ValueError(f"{type(module).__name__}.ops must be one of {BACKBONE_OPS}, got {module.ops!r}")
+    return module.ops == "fused" and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+
+
+def set_backbone_ops(model: nn.Module, ops: str) -> nn.Module:
+    """Set ``ops`` (``"fused"`` or ``"reference"``) on every block of ``model`` that has a fused form."""
+    if ops not in BACKBONE_OPS:
+        raise ValueError(f"set_backbone_ops: ops must be one of {BACKBONE_OPS}, got {ops!r}")
+    for module in model.modules():
+        if isinstance(module, (LayerNorm, FeedForward, PointwiseConv2d)):
+            module.ops = ops
+    return model
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 ``nn.Conv2d`` (same parameters, same state-dict keys) computed by
+    :func:`cpl_fast.ops.pointwise_conv`.
+
+    PyTorch's CPU convolution sends 1x1 kernels with a batch below 16 on one thread to its slow path; the
+    GEMM over the channels is the same maths, faster (bench/test_backbone_ops.py).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
+        self.ops = "fused"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(self):
+            return pointwise_conv(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class WithBiasLayerNorm(nn.Module):
@@ -32,18 +83,39 @@ class WithBiasLayerNorm(nn.Module):
         return (x - mu) / torch.sqrt(var + 1e-5) * self.weight + self.bias
 
 
-class LayerNorm(nn.Module):
-    """Per-pixel layer norm over the channels of a ``(B, C, H, W)`` map.
+class BiasFreeLayerNorm(nn.Module):
+    """Restormer's bias-free layer norm over the last dimension: ``x / sqrt(var + 1e-5) * weight``.
 
-    The norm itself lives in ``body`` so the parameters are named ``norm1.body.weight`` as in the
-    published checkpoints.
+    The variance is the centred (biased) one, but the mean is not subtracted from ``x``.
     """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.body = WithBiasLayerNorm(dim)
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.var(-1, keepdim=True, unbiased=False)
+        return x / torch.sqrt(var + 1e-5) * self.weight
+
+
+class LayerNorm(nn.Module):
+    """Per-pixel layer norm over the channels of a ``(B, C, H, W)`` map.
+
+    The norm itself lives in ``body`` so the parameters are named ``norm1.body.weight`` as in the
+    published checkpoints. ``bias=False`` is Restormer's ``BiasFree`` variant. With ``ops="fused"`` the
+    norm runs as :func:`cpl_fast.ops.channel_layernorm` on the NCHW map; the reference path (and an export,
+    which sets the body's ``fused`` flag for one ``LayerNormalization`` node) transposes to ``(B, HW, C)``
+    and back as the published code does.
+    """
+
+    def __init__(self, dim: int, bias: bool = True) -> None:
+        super().__init__()
+        self.body = WithBiasLayerNorm(dim) if bias else BiasFreeLayerNorm(dim)
+        self.ops = "fused"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(self) and not getattr(self.body, "fused", False):
+            return channel_layernorm(x, self.body.weight, getattr(self.body, "bias", None), eps=1e-5)
         b, c, h, w = x.shape
         tokens = x.flatten(2).transpose(1, 2)                       # (B, HW, C)
         return self.body(tokens).transpose(1, 2).reshape(b, c, h, w)
@@ -61,9 +133,9 @@ class Attention(nn.Module):
             raise ValueError(f"Attention: dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
+        self.qkv = PointwiseConv2d(dim, dim * 3)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
-        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        self.project_out = PointwiseConv2d(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -77,18 +149,25 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """Gated-Dconv feed-forward network (GDFN): ``project_out(gelu(x1) * x2)``."""
+    """Gated-Dconv feed-forward network (GDFN): ``project_out(gelu(x1) * x2)``.
+
+    With ``ops="fused"`` the gate is :func:`cpl_fast.ops.gated_gelu` (one pass each way).
+    """
 
     def __init__(self, dim: int, ffn_expansion_factor: float) -> None:
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
-        self.project_in = nn.Conv2d(dim, hidden * 2, kernel_size=1, bias=False)
+        self.project_in = PointwiseConv2d(dim, hidden * 2)
         self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2,
                                 bias=False)
-        self.project_out = nn.Conv2d(hidden, dim, kernel_size=1, bias=False)
+        self.project_out = PointwiseConv2d(hidden, dim)
+        self.ops = "fused"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = self.dwconv(self.project_in(x)).chunk(2, dim=1)
+        hidden = self.dwconv(self.project_in(x))
+        if _fused(self):
+            return self.project_out(gated_gelu(hidden))
+        x1, x2 = hidden.chunk(2, dim=1)
         return self.project_out(F.gelu(x1) * x2)
 
 

@@ -1,0 +1,138 @@
+"""cpl_fast.ops.pointwise_conv (the 1x1 convolution as a batched GEMM) and the PointwiseConv2d module."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cpl_fast.models.restormer import PointwiseConv2d, set_backbone_ops
+from cpl_fast.ops import pointwise_conv, pointwise_conv_reference
+
+TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-5)}
+SHAPES = {  # (B, C, O, H, W): odd channel counts, one channel in or out, H = 1, W = 1, batch 1
+    "odd": (2, 13, 7, 5, 9),
+    "c1": (3, 1, 5, 4, 4),
+    "o1": (2, 6, 1, 3, 5),
+    "h1": (2, 5, 4, 1, 11),
+    "w1": (1, 4, 6, 7, 1),
+    "pixel": (4, 3, 2, 1, 1),
+}
+
+
+class AtenOps(TorchDispatchMode):
+    """Records the aten ops a block of code runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def run_with_grads(fn, x, weight, bias, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return [out.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_matches_conv2d(dtype, bias, shape):
+    batch, cin, cout, height, width = shape
+    x = torch.randn(batch, cin, height, width, dtype=dtype)
+    weight = torch.randn(cout, cin, 1, 1, dtype=dtype)
+    b = torch.randn(cout, dtype=dtype) if bias else None
+    grad_out = torch.randn(batch, cout, height, width, dtype=dtype)
+    expected = run_with_grads(pointwise_conv_reference, x, weight, b, grad_out)
+    actual = run_with_grads(pointwise_conv, x, weight, b, grad_out)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
+def test_non_contiguous_inputs(layout):
+    dtype = torch.float64
+    if layout == "channels_last":
+        x = torch.randn(2, 5, 6, 7, dtype=dtype).to(memory_format=torch.channels_last)
+    else:
+        x = torch.randn(3, 10, 6, 14, dtype=dtype)[1:, ::2, :, ::2]
+    weight = torch.randn(4, 10, dtype=dtype)[:, ::2].reshape(4, 5, 1, 1)
+    grad_out = torch.randn(2, 4, 6, 14, dtype=dtype)[..., ::2]
+    assert not x.is_contiguous()
+    expected = run_with_grads(pointwise_conv_reference, x, weight, None, grad_out)
+    actual = run_with_grads(pointwise_conv, x, weight, None, grad_out)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, **TOL[dtype])
+
+
+def test_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pointwise_conv, (x, weight, bias))
+
+
+def test_cpu_runs_a_gemm_and_reference_a_convolution(monkeypatch):
+    x, weight = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(5, 4, 1, 1, requires_grad=True)
+    with AtenOps() as gemm:
+        pointwise_conv(x, weight).sum().backward()
+    assert "bmm" in gemm.names and not any("convolution" in n for n in gemm.names), gemm.names
+    monkeypatch.setenv("CPL_FAST_BACKEND", "reference")
+    with AtenOps() as reference:
+        out = pointwise_conv(x, weight)
+    assert "convolution" in reference.names and "bmm" not in reference.names, reference.names
+    torch.testing.assert_close(out, F.conv2d(x, weight), rtol=0, atol=0)
+    monkeypatch.setenv("CPL_FAST_BACKEND", "cpu")          # names of kernel backends leave the GEMM
+    with AtenOps() as forced:
+        pointwise_conv(x, weight)
+    assert "bmm" in forced.names
+
+
+def test_autocast_gives_the_convolution_dtype():
+    x, weight = torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = pointwise_conv(x, weight), F.conv2d(x, weight)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("args,error,match", [
+    ((torch.randn(2, 4, 3), torch.randn(5, 4, 1, 1), None), ValueError, r"x must be \(B, C, H, W\)"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(5, 4, 3, 3), None), ValueError, r"weight must be \(O, 4, 1, 1\)"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(5, 3, 1, 1), None), ValueError, r"weight must be \(O, 4, 1, 1\)"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1), torch.randn(4)), ValueError,
+     r"bias must be None or \(5,\)"),
+    ((torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1, dtype=torch.float64), None), ValueError, "dtype"),
+    ((torch.randn(2, 4, 3, 3), "w", None), TypeError, "must be tensors"),
+], ids=["x_3d", "kernel_3x3", "channels", "bias", "dtype", "type"])
+def test_bad_inputs(args, error, match):
+    with pytest.raises(error, match=match):
+        pointwise_conv(*args)
+
+
+def test_unknown_backend_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        pointwise_conv(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), backend="fast")
+
+
+def test_module_keeps_conv2d_parameters_and_switches():
+    conv = nn.Conv2d(6, 4, kernel_size=1, bias=True).double()
+    module = PointwiseConv2d(6, 4, bias=True).double()
+    assert isinstance(module, nn.Conv2d)
+    module.load_state_dict(conv.state_dict())
+    assert list(module.state_dict()) == list(conv.state_dict())
+    x = torch.randn(2, 6, 5, 3, dtype=torch.float64)
+    torch.testing.assert_close(module(x), conv(x), **TOL[torch.float64])
+    set_backbone_ops(module, "reference")
+    with AtenOps() as ops:
+        module(x)
+    assert "convolution" in ops.names
+    module.ops = "fast"
+    with pytest.raises(ValueError, match="ops must be one of"):
+        module(x)
