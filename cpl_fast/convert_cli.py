@@ -86,7 +86,16 @@ def _companions(loaded, no_ema: bool):
         ema = loaded.model
     else:
         trained, ema = loaded.model, None
+    if ema is not None and _same_weights(trained, ema):
+        ema = None  # e.g. a BasicSR file whose params_ema repeats params: there are no EMA weights
     return (trained, None) if no_ema else (trained, ema)
+
+
+def _same_weights(a, b) -> bool:
+    import torch
+
+    sa, sb = a.state_dict(), b.state_dict()
+    return set(sa) == set(sb) and all(torch.equal(sa[key], sb[key]) for key in sa)
 
 
 def _progress(weights: Path) -> tuple[int, int]:

@@ -143,6 +143,7 @@ def test_dense_tiny_model_round_trips_through_both_layouts(tmp_path, capsys):
     assert main([str(tmp_path / "a.pth"), "-o", str(tmp_path / "b.ckpt")]) == 0
     out = capsys.readouterr().out
     assert "lightning layout, 152 tensors" in out and "not PromptIR's default architecture" in out
+    assert "EMA" not in out                             # a.pth's params_ema repeats params: no EMA weights
     for name in ("a.pth", "b.ckpt"):
         loaded = load_model(tmp_path / name)            # the model section the file records
         assert loaded.model.top_k is None and loaded.model_config["preset"] == "tiny_dense"
@@ -201,6 +202,23 @@ def test_run_folder_with_ema(tmp_path, capsys):
     _assert_same_state(load_model(tmp_path / "run.ckpt").model, ema)
     assert main([str(run), "-o", str(tmp_path / "raw.ckpt"), "--no-ema"]) == 0
     _assert_same_state(load_model(tmp_path / "raw.ckpt").model, trained)
+
+
+def test_basicsr_source_with_its_own_ema(tmp_path):
+    trained, ema = _perturbed("tiny_dense"), _perturbed("tiny_dense")
+    torch.save({"params": trained.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "net_g.pth")
+    # A BasicSR file without a record is read as CPL's (top-1): dense must be said to go to Lightning.
+    dense = ["--set", "model.k=all"]
+    assert main([str(tmp_path / "net_g.pth"), "-o", str(tmp_path / "ema.ckpt"), *dense]) == 0
+    _assert_same_state(load_model(tmp_path / "ema.ckpt").model, ema)
+    assert main([str(tmp_path / "net_g.pth"), "-o", str(tmp_path / "raw.ckpt"), "--no-ema", *dense]) == 0
+    _assert_same_state(load_model(tmp_path / "raw.ckpt").model, trained)
+    assert main([str(tmp_path / "net_g.pth"), "-o", str(tmp_path / "copy.pth")]) == 0
+    raw = torch.load(tmp_path / "copy.pth", weights_only=True)
+    for entry, model in (("params", trained), ("params_ema", ema)):
+        fresh = build_model("tiny")
+        load_checkpoint(fresh, raw[entry])
+        _assert_same_state(fresh, model)
 
 
 def test_outputs_are_kept_unless_forced_and_a_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
