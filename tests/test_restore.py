@@ -113,8 +113,10 @@ def test_cpl_restore_loads_official_checkpoint_formats(tmp_path, images, layout,
 def test_layout_default_model_and_run_folders(tmp_path):
     state = build_model("tiny").state_dict()
     torch.save({"state_dict": {f"net.{k}": v for k, v in state.items()}}, tmp_path / "p.ckpt")
-    with pytest.raises(ValueError, match="preset 'promptir'.*--model"):  # the default for Lightning files
-        load_model(tmp_path / "p.ckpt")
+    loaded = load_model(tmp_path / "p.ckpt")   # architecture read from the weights; Lightning: dense
+    assert loaded.model_config["preset"] == "tiny_dense" and "dense routing assumed" in loaded.notes[0]
+    with pytest.raises(ValueError, match=r"preset 'promptir' has dim 48(.|\n)*--model tiny_dense fits"):
+        load_model(tmp_path / "p.ckpt", {"preset": "promptir"})
     with pytest.raises(FileNotFoundError, match="neither a run folder"):
         resolve_weights(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
