@@ -141,6 +141,10 @@ def test_export_and_info(work):
     if importlib.util.find_spec("tensorrt") or importlib.util.find_spec("tensorrt_rtx"):
         _run([_tool("cpl-export"), "trt", "--onnx", "model.onnx", "-o", "model.engine"], folder)
         assert (folder / "model.engine").is_file()
+    _documented("`cpl-convert SRC -o OUT.pth|OUT.ckpt [--to basicsr|lightning] [--model PRESET] [--force]`")
+    _run([_tool("cpl-convert"), str(run), "-o", "run.pth"], folder)
+    out = _run([_tool("cpl-eval"), "--ckpt", "run.pth", "--preset", "demo", "--max-images", "1"], folder)
+    assert "PSNR" in out
     _documented("`cpl-info`")
     assert "backends on cpu" in _run([_tool("cpl-info")], folder)
 

@@ -130,7 +130,7 @@ def test_missing_wandb_is_refused_before_the_run_folder_exists(tmp_path, capsys,
 @pytest.mark.parametrize("module,function", [
     ("cpl_fast.train.cli", "main"), ("cpl_fast.eval.cli", "eval_main"), ("cpl_fast.eval.cli", "restore_main"),
     ("cpl_fast.eval.cli", "analyze_main"), ("cpl_fast.export.cli", "main"), ("cpl_fast.data.cli", "main"),
-    ("cpl_fast.info", "main"),
+    ("cpl_fast.info", "main"), ("cpl_fast.convert_cli", "main"),
 ])
 def test_help_does_not_import_torch(module, function):
     """``--help`` answers at once: torch (seconds to import) is imported after the arguments are parsed."""
