@@ -14,9 +14,12 @@ less; a phase left with no time is reported as skipped.
   that Inductor's and Triton's on-disk caches are warm for the compiled phases at the end (a cold
   compile of the whole model takes minutes); stopped before the first benchmark, timings discarded.
 * ``tests``: ``pytest tests/test_gpu.py -m gpu`` (the cuda and triton backends against the reference,
-  opcheck on CUDA tensors, the fast step equal to the literal one).
+  opcheck on CUDA tensors, the fast step equal to the literal one); ``tests_backbone_ops``: the ``gpu``
+  cases of tests/test_channel_layernorm.py and tests/test_gated_gelu.py (cuda and triton on the device).
 * ``bench_prompt_mix``, ``bench_cpr_distances``: the op benchmarks on the GPU (time, share of the copy
-  bandwidth, against the references and torch.compile); ``bench_cpr_step``: the CPR step of the ``cpl``
+  bandwidth, against the references and torch.compile); ``bench_backbone_ops``: the ``gpu`` cases of
+  bench/test_backbone_ops.py (channel_layernorm and gated_gelu on cuda and triton: time, share of the copy
+  bandwidth); ``bench_cpr_step``: the CPR step of the ``cpl``
   model at 128x128, batch 4, fast vs loop, fp32 and bf16 autocast; ``bench_cpr_step_compile_fast`` and
   ``bench_cpr_step_compile_loop``: the compiled steps, last, each in its own process (one that still
   does not fit reports its timeout).
@@ -89,8 +92,14 @@ PHASES = (
           {**COMPILED_ENV, "CPR_STEP_ROUNDS": "1", "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, CORES // 2))},
           background_until="bench_prompt_mix"),
     Phase("tests", "pytest", "tests.log", 180, 60, ("tests/test_gpu.py", "-m", "gpu")),
+    # The backbone ops' CUDA and Triton backends against the reference on the device (their gpu cases).
+    Phase("tests_backbone_ops", "pytest", "tests.log", 90, 20,
+          ("tests/test_channel_layernorm.py", "tests/test_gated_gelu.py", "-m", "gpu")),
     Phase("bench_prompt_mix", "pytest", "bench.log", 90, 30, ("bench/test_prompt_mix.py",), bench=True),
     Phase("bench_cpr_distances", "pytest", "bench.log", 75, 20, ("bench/test_cpr_distances.py",), bench=True),
+    # channel_layernorm and gated_gelu on Triton and CUDA (time, share of the copy bandwidth): gpu cases only.
+    Phase("bench_backbone_ops", "pytest", "bench.log", 60, 20, ("bench/test_backbone_ops.py", "-m", "gpu"),
+          bench=True),
     Phase("bench_cpr_step", "pytest", "bench.log", 75, 30,
           (CPR_STEP, "-m", "gpu", "-k", "(loop or fast_fused) and not compile and not chunk1"),
           {"CPR_STEP_ROUNDS": "5"}, bench=True),

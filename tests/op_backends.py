@@ -14,11 +14,19 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-5)}
+
+
+def _case(*values):
+    """A parameter set; the ``gpu`` marker on the cases that run on a CUDA device (scripts/gpu_check.sh)."""
+    return pytest.param(*values, marks=[pytest.mark.gpu] if values[1] == "cuda" else [])
+
+
 # The Triton kernels on the GPU when there is one, else interpreted on the CPU.
-BACKENDS = [("cpu", "cpu"), ("triton", "cuda" if HAS_CUDA else "cpu"), ("cuda", "cuda")]
-BACKEND_IDS = [f"{b}-{d}" for b, d in BACKENDS]
-LOW_PRECISION = [("cpu", "cpu", torch.bfloat16)] + [
-    (b, "cuda", dt) for b in ("triton", "cuda") for dt in (torch.bfloat16, torch.float16)]
+_PAIRS = [("cpu", "cpu"), ("triton", "cuda" if HAS_CUDA else "cpu"), ("cuda", "cuda")]
+BACKENDS = [_case(b, d) for b, d in _PAIRS]
+BACKEND_IDS = [f"{b}-{d}" for b, d in _PAIRS]
+LOW_PRECISION = [_case("cpu", "cpu", torch.bfloat16)] + [
+    _case(b, "cuda", dt) for b in ("triton", "cuda") for dt in (torch.bfloat16, torch.float16)]
 
 
 def backend_or_skip(dispatcher, name: str, device: str) -> None:
