@@ -9,6 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpl_fast.models.restormer import PointwiseConv2d, set_backbone_ops
 from cpl_fast.ops import pointwise_conv, pointwise_conv_reference
+from cpl_fast.ops.pointwise_conv import takes_gemm
+
+# One thread: pointwise_conv takes the GEMM there (batch below 16), which is what most cases check.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-5)}
 SHAPES = {  # (B, C, O, H, W): odd channel counts, one channel in or out, H = 1, W = 1, batch 1
@@ -78,7 +82,24 @@ def test_gradcheck():
     assert torch.autograd.gradcheck(pointwise_conv, (x, weight, bias))
 
 
-def test_cpu_runs_a_gemm_and_reference_a_convolution(monkeypatch):
+@pytest.fixture
+def one_cpu_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gemm_only_where_pytorch_takes_its_slow_path(one_cpu_thread):
+    assert takes_gemm(torch.randn(15, 2, 3, 3)) and not takes_gemm(torch.randn(16, 2, 3, 3))
+    torch.set_num_threads(2)
+    assert not takes_gemm(torch.randn(2, 2, 3, 3))
+    with AtenOps() as ops:
+        pointwise_conv(torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1))
+    assert "convolution" in ops.names and "bmm" not in ops.names
+
+
+def test_cpu_runs_a_gemm_and_reference_a_convolution(monkeypatch, one_cpu_thread):
     x, weight = torch.randn(2, 4, 3, 3, requires_grad=True), torch.randn(5, 4, 1, 1, requires_grad=True)
     with AtenOps() as gemm:
         pointwise_conv(x, weight).sum().backward()
@@ -94,7 +115,7 @@ def test_cpu_runs_a_gemm_and_reference_a_convolution(monkeypatch):
     assert "bmm" in forced.names
 
 
-def test_autocast_gives_the_convolution_dtype():
+def test_autocast_gives_the_convolution_dtype(one_cpu_thread):
     x, weight = torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got, want = pointwise_conv(x, weight), F.conv2d(x, weight)
@@ -121,7 +142,7 @@ def test_unknown_backend_is_a_value_error():
         pointwise_conv(torch.randn(1, 2, 3, 3), torch.randn(2, 2, 1, 1), backend="fast")
 
 
-def test_module_keeps_conv2d_parameters_and_switches():
+def test_module_keeps_conv2d_parameters_and_switches(one_cpu_thread):
     conv = nn.Conv2d(6, 4, kernel_size=1, bias=True).double()
     module = PointwiseConv2d(6, 4, bias=True).double()
     assert isinstance(module, nn.Conv2d)

@@ -7,12 +7,12 @@ Every convolution is bias-free, as in the published ``bias=False`` configuration
 Fused ops. By default the blocks compute through cpl_fast's backbone ops: the channel layer norm of
 ``LayerNorm`` (:func:`cpl_fast.ops.channel_layernorm`: no transposes to and from ``(B, HW, C)``), the
 feed-forward gate (:func:`cpl_fast.ops.gated_gelu`) and every 1x1 convolution
-(:class:`PointwiseConv2d`: a GEMM over the channels on the CPU). Each module's ``ops`` attribute
-(``"fused"`` or ``"reference"``; :func:`set_backbone_ops` sets it on a whole model) chooses; ``"reference"``
-is the published composite, line for line. Both are the same function (tests/test_fused_model.py compares
-the whole model's outputs and gradients). While ``torch.export`` or TorchScript traces a model the blocks
-take the reference composites whatever ``ops`` says, so an exported graph holds standard operators only
-(the ONNX export relies on it).
+(:class:`PointwiseConv2d`: a GEMM over the channels where PyTorch's CPU convolution takes its slow
+path). Each module's ``ops`` attribute (``"fused"`` or ``"reference"``; :func:`set_backbone_ops` sets it
+on a whole model) chooses; ``"reference"`` is the published composite, line for line. Both are the same
+function (tests/test_fused_model.py compares the whole model's outputs and gradients). While
+``torch.export`` or TorchScript traces a model the blocks take the reference composites whatever ``ops``
+says, so an exported graph holds standard operators only (the ONNX export relies on it).
 """
 from __future__ import annotations
 
@@ -48,8 +48,9 @@ class PointwiseConv2d(nn.Conv2d):
     """A 1x1 ``nn.Conv2d`` (same parameters, same state-dict keys) computed by
     :func:`cpl_fast.ops.pointwise_conv`.
 
-    PyTorch's CPU convolution sends 1x1 kernels with a batch below 16 on one thread to its slow path; the
-    GEMM over the channels is the same maths, faster (bench/test_backbone_ops.py).
+    PyTorch's CPU convolution sends 1x1 kernels with a batch below 16 on one thread to its slow path; there
+    the GEMM over the channels is the same maths, measured about as fast; elsewhere ``F.conv2d`` runs
+    (bench/test_backbone_ops.py).
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool = False) -> None:

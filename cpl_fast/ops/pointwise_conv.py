@@ -1,16 +1,18 @@
 """The 1x1 convolution as a batched matrix product over the channels: ``out[b] = W @ x[b] + bias``.
 
-For ``x (B, C, H, W)`` and ``weight (O, C, 1, 1)``: ``torch.bmm`` of ``weight.view(1, O, C)`` expanded to the
-batch (a view, no copy) and ``x.view(B, C, H*W)``, autograd from ``bmm`` (``grad_x = W^T @ grad`` per sample,
-``grad_W = sum_b grad[b] @ x[b]^T``). ``torch.matmul`` of the 2-D weight and the 3-D input is the same maths
-but measured slower here (it folds the batch into a copy). Same maths as
-``F.conv2d(x, weight, bias)``, but on the CPU PyTorch sends a 1x1 convolution with a batch below 16 on one
-thread to its slow path (``_slow_conv2d_forward``/``_backward``: an unfold plus a GEMM per sample); the
-GEMM here is what that path should have been (measured in bench/test_backbone_ops.py).
-
-Where: CPU tensors take the GEMM; other devices keep ``F.conv2d`` (cuDNN's 1x1 convolution is already a
-GEMM). ``backend="reference"`` or ``CPL_FAST_BACKEND=reference`` takes ``F.conv2d`` everywhere; the other
-backend names do not apply to this op (it has no kernel of its own) and leave the choice as described.
+For ``x (B, C, H, W)`` and ``weight (O, C, 1, 1)``: ``torch.bmm`` of ``weight.view(1, O, C)`` expanded to
+the batch (a view, no copy) and ``x.view(B, C, H*W)``, autograd from ``bmm`` (``grad_x = W^T @ grad`` per
+sample, ``grad_W = sum_b grad[b] @ x[b]^T``). ``torch.matmul`` of the 2-D weight and the 3-D input is the
+same maths but measured slower here (it folds the batch into a copy). Same maths as ``F.conv2d(x, weight,
+bias)``. On the CPU PyTorch sends a 1x1 convolution with a batch below 16 on one thread to its slow path
+(``_slow_conv2d_forward``/``_backward``, a GEMM per sample); the batched GEMM replaces it there; on an idle
+core it measured 0.95-1.04x the speed of ``F.conv2d`` at the model's shapes (within the noise: no gain to
+claim) and up to 1.1x in isolated runs (bench/results/pointwise_conv_cpu-1threads.md). Everywhere else
+``F.conv2d`` runs: on two CPU threads oneDNN's 1x1 convolution was measured 1.4-1.6x faster than this GEMM
+(bench/results/pointwise_conv_cpu.md), cuDNN's is a GEMM already, and under torch.compile the compiler
+lowers the convolution itself (the thread count is not traceable). ``backend="reference"`` or
+``CPL_FAST_BACKEND=reference`` takes ``F.conv2d`` everywhere; the other backend names do not apply to this
+op (it has no kernel of its own) and leave the choice as described.
 """
 from __future__ import annotations
 
@@ -66,8 +68,16 @@ def pointwise_conv_gemm(x: torch.Tensor, weight: torch.Tensor,
 
 def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    backend: str = "auto") -> torch.Tensor:
-    """``F.conv2d(x, weight, bias)`` for ``weight (O, C, 1, 1)``: the GEMM on the CPU (module docstring)."""
+    """``F.conv2d(x, weight, bias)`` for ``weight (O, C, 1, 1)``: the GEMM where PyTorch's CPU convolution
+    takes its slow path (one thread, batch below 16), else ``F.conv2d`` (module docstring)."""
     _validate(x, weight, bias)
-    if x.device.type != "cpu" or _use_reference(backend):
+    if _use_reference(backend) or not takes_gemm(x):
         return F.conv2d(x, weight, bias)
     return pointwise_conv_gemm(x, weight, bias)
+
+
+def takes_gemm(x: torch.Tensor) -> bool:
+    """Whether :func:`pointwise_conv` computes ``x`` with the GEMM (PyTorch's slow-path condition)."""
+    if torch.compiler.is_compiling() or x.device.type != "cpu" or x.shape[0] >= 16:
+        return False
+    return torch.get_num_threads() == 1
