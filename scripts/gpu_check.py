@@ -59,7 +59,7 @@ OUTPUT_FILES = ("gpu_check.json", "gpu_check.md", "build.log", "tests.log", "ben
 CORES = os.cpu_count() or 1
 # pytest-benchmark: a few rounds suffice on a GPU (each benchmark warms up on its own first).
 BENCH_OPTIONS = ("--benchmark-min-rounds=5", "--benchmark-max-time=0.1", "--benchmark-warmup=off")
-INFO_CODE = ("import json, sys; from cpl_fast import info; info.main(); "
+INFO_CODE = ("import json, sys; from cpl_fast import info; info.main([]); "
              "open(sys.argv[1], 'w').write(json.dumps(info.collect(), indent=2, default=str))")
 
 
