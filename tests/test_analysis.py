@@ -187,6 +187,33 @@ def test_a_batch_that_runs_out_of_memory_is_split():
         run_analysis(Broken(inner), data)
 
 
+def test_batches_hold_at_most_the_pixel_budget_of_the_device(monkeypatch):
+    from cpl_fast.eval import analysis
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.num_prompt_levels, self.num_prompts, self.top_k = 3, inner.num_prompts, inner.top_k
+            self.batches = []
+
+        def encode(self, x):
+            self.batches.append(tuple(x.shape))
+            return self.inner.encode(x)
+
+        def decode(self, state, routing=None, return_routing=False):
+            return self.inner.decode(state, routing, return_routing)
+
+    model, data = Counting(_model("tiny")), _dataset(per_task=2)  # six 24 x 32 images
+    monkeypatch.setitem(analysis.BATCH_PIXELS, "cpu", 2 * 24 * 32 + 5)
+    run_analysis(model, data, batch_size=8, prompt_gap=False, residuals=False)
+    assert model.batches == [(2, 3, 24, 32)] * 3
+    monkeypatch.setitem(analysis.BATCH_PIXELS, "cpu", 1)  # smaller than one image: still one at a time
+    model.batches.clear()
+    run_analysis(model, data, batch_size=8, prompt_gap=False, residuals=False)
+    assert model.batches == [(1, 3, 24, 32)] * 6
+
+
 def test_residual_picks_differ_by_task():
     # The embedded set's order: every clean image under every task, names shared across tasks.
     names = [f"{source}_{k}" for source in ("a", "b", "c", "d") for k in range(4) for _ in range(5)]
