@@ -141,3 +141,18 @@ def test_help_does_not_import_torch(module, function):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("NO TORCH")
+
+
+def test_run_folders_from_before_a_setting_existed_still_resume(tmp_path, capsys, one_thread):
+    """A run's config.yaml written before eval.every / checkpoint.keep_best existed."""
+    import yaml
+
+    run = tmp_path / "run"
+    assert main(["--preset", "demo", "--run-dir", str(run), *_settings("checkpoint.every=1")]) == 0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    del config["eval"]["every"], config["checkpoint"]["keep_best"]
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    assert main(["--resume", str(run), "--set", "train.iterations=3"]) == 0
+    from cpl_fast.eval.loading import load_model
+
+    assert load_model(run).model is not None

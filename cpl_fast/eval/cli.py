@@ -482,6 +482,8 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
             loaded, config = _load(args, ckpt, device, need_data=True)
             dataset = test_dataset(config)
             print(f"== {name}: {loaded.description}")
+            for note in loaded.notes:
+                print(f"note: {note}")
             result = analyze(loaded.model, dataset, out_root / name, title=name, max_images=args.max_images,
                              residuals=not args.no_residuals, progress=not args.no_progress,
                              protocol=_default_protocol(args, config), batch_size=batch)

@@ -77,9 +77,9 @@ class LoadedModel:
 def _read_run_config(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
-    from cpl_fast.train.config import read_yaml
+    from cpl_fast.train.config import read_run_config
 
-    return read_yaml(path)
+    return read_run_config(path)
 
 
 def resolve_weights(path: str | Path) -> tuple[Path, dict[str, Any] | None]:

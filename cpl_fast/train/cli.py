@@ -92,7 +92,7 @@ def _check_names(config: Mapping[str, Any]) -> None:
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, bool]:
     """The config, the run folder (None: a new one under ``run.root``) and whether to resume."""
     from cpl_fast.train.checkpointing import CheckpointError
-    from cpl_fast.train.config import load_config, parse_override, read_yaml, set_dotted, validate
+    from cpl_fast.train.config import load_config, parse_override, read_run_config, set_dotted, validate
     from cpl_fast.train.run_folder import RunLock
 
     if args.resume is not None:
@@ -108,7 +108,7 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, boo
         RunLock(run_dir).check_free()  # a running run first: it may not have checkpointed yet
         if not _has_checkpoint(run_dir) and not (run_dir / RESULT_FILE).is_file():
             raise CheckpointError(f"run folder {run_dir} has no checkpoint yet: nothing to resume")
-        config = read_yaml(run_dir / CONFIG_FILE)
+        config = read_run_config(run_dir / CONFIG_FILE)
         for text in args.overrides:
             set_dotted(config, *parse_override(text))
         if args.data is not None:

@@ -653,6 +653,12 @@ def _mapping_keys() -> set[str]:
     return keys
 
 
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """A run folder's ``config.yaml``, with the defaults of settings added after the run was made (the
+    file holds every setting of its time, so nothing else changes)."""
+    return merge(DEFAULTS, read_yaml(path))
+
+
 def dump_yaml(config: Mapping[str, Any], path: str | Path) -> None:
     """Write a config as YAML (what a run folder keeps, and what ``--resume`` reads back)."""
     from cpl_fast.data.io import atomic_write_bytes
