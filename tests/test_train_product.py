@@ -156,3 +156,13 @@ def test_run_folders_from_before_a_setting_existed_still_resume(tmp_path, capsys
     from cpl_fast.eval.loading import load_model
 
     assert load_model(run).model is not None
+
+
+def test_report_scores_the_inputs_for_the_psnr_figure(tmp_path, one_thread):
+    run = tmp_path / "run"
+    assert main(["--preset", "demo", "--run-dir", str(run),
+                 *_settings("eval.before_after=true", "eval.max_images=2", "report.enabled=true")]) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["inputs"] and set(result["inputs"]) == set(result["after"])
+    assert all(math.isfinite(s["psnr"]) for s in result["inputs"].values())
+    assert (run / "psnr_per_task.png").is_file() and (run / "report.md").is_file()

@@ -307,11 +307,16 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
     if evaluate_now:
         trainer.log(f"evaluating {config['name']} after training ...")
     after = score() if evaluate_now else {}
+    inputs = {}
+    if evaluate_now:
+        from cpl_fast.eval.scoring import score_inputs
+
+        inputs = score_inputs(trainer.eval_set, "promptir", config["eval"]["max_images"])
     k, _ = model_k_n(config)
     result = RunResult(name=config["name"], model=config["model"]["preset"], k=k, objective=trainer.objective,
                        steps=trainer.step, wall_s=sum(h["seconds"] for h in history), history=history,
                        before=before, after=after, not_evaluated=_not_evaluated(config, trainer),
-                       validations=list(trainer.validations))
+                       validations=list(trainer.validations), inputs=inputs)
     result.save(folder / RESULT_FILE)
     return result
 

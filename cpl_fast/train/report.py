@@ -36,6 +36,7 @@ class RunResult:
     # Why ``after`` is empty: "no test split", "eval.before_after is false", ...
     not_evaluated: str = ""
     validations: list[dict[str, float]] = field(default_factory=list)  # eval.every: one per validation
+    inputs: dict[str, Any] = field(default_factory=dict)  # the degraded inputs' own scores, per task
 
     def save(self, path: str | Path) -> None:
         atomic_write_bytes(path, json.dumps(asdict(self), indent=1).encode("utf-8"))
@@ -318,7 +319,7 @@ def write_report(runs: Sequence[RunResult], folder: str | Path, title: str = "cp
     """Write ``report.md`` and its figures into ``folder``; returns the markdown's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_figures(runs, folder)
+    write_figures(runs, folder, inputs=next((run.inputs for run in runs if run.inputs), None))
     path = folder / "report.md"
     atomic_write_bytes(path, _markdown(runs, title, notes).encode("utf-8"))
     return path
