@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "channel_layernorm_launch.h"
+#include "../../cuda_acc.cuh"
 
 namespace cpl_fast {
 namespace channel_layernorm_cuda {
@@ -23,31 +24,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kMaxChunks = 256;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-// Explicit conversions: torch builds define __CUDA_NO_HALF_CONVERSIONS__ and friends.
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using namespace cpl_fast::cuda_acc;  // AccOf, to_acc, from_acc
 
 __device__ __forceinline__ float rsqrt_acc(float v) { return rsqrtf(v); }
 __device__ __forceinline__ double rsqrt_acc(double v) { return rsqrt(v); }

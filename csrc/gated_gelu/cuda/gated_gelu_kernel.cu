@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "gated_gelu_launch.h"
+#include "../../cuda_acc.cuh"
 
 namespace cpl_fast {
 namespace gated_gelu_cuda {
@@ -17,30 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using namespace cpl_fast::cuda_acc;  // AccOf, to_acc, from_acc
 
 __device__ __forceinline__ float normal_cdf(float a) { return 0.5f * (1.0f + erff(a * 0.70710678118654752f)); }
 __device__ __forceinline__ double normal_cdf(double a) { return 0.5 * (1.0 + erf(a * 0.70710678118654752440)); }
