@@ -51,6 +51,7 @@ from cpl_fast.data import (
 from cpl_fast.data.io import is_image_file
 from cpl_fast.eval.health import prompt_gap_db
 from cpl_fast.eval.loading import model_from_config
+from cpl_fast.eval.scoring import average
 from cpl_fast.losses import CPRLoss, build_features
 from cpl_fast.models import Routing
 from cpl_fast.train.checkpointing import load_newest_checkpoint, save_best, save_checkpoint
@@ -755,8 +756,7 @@ class Trainer:
         scores = result["scores"]
         if not scores:
             return
-        values = {"psnr": float(np.mean([s["psnr"] for s in scores.values()])),
-                  "ssim": float(np.mean([s["ssim"] for s in scores.values()]))}
+        values = average(scores)  # the papers' unweighted mean over tasks, as cpl-eval reports it
         values.update({f"psnr_{task}": s["psnr"] for task, s in scores.items()})
         levels = len(next(iter(scores.values()))["levels"])
         for level in range(levels):
