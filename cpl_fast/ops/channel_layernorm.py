@@ -19,20 +19,8 @@ import math
 
 import torch
 
-from cpl_fast import _extension
-from cpl_fast.ops._backbone_common import (
-    CPU_DTYPES,
-    GPU_DTYPES,
-    LOAD_ERROR,
-    TritonModule,
-    compiled_reasons,
-    dtype_reasons,
-)
-from cpl_fast.ops._dispatch import Backend, Dispatcher
+from cpl_fast.ops._dispatch import CPU_DTYPES, GPU_DTYPES, kernel_dispatcher
 from cpl_fast.ops._reference import channel_layernorm_reference
-
-_HAS_KERNEL = {key: _extension.has_kernel("channel_layernorm", key) for key in ("CPU", "CUDA")}
-_TRITON = TritonModule("cpl_fast.kernels.channel_layernorm")
 
 
 def _validate(x, weight, bias, eps) -> None:
@@ -62,10 +50,6 @@ def _validate(x, weight, bias, eps) -> None:
         raise ValueError(f"channel_layernorm: eps must be a finite number >= 0, got {eps!r}")
 
 
-def _reasons(dispatch_key: str, device_type: str, device: torch.device) -> list[str]:
-    return compiled_reasons("channel_layernorm", _HAS_KERNEL, dispatch_key, device_type, device)
-
-
 def _compiled(x, weight, bias, eps):
     return torch.ops.cpl_fast.channel_layernorm(x, weight, bias, eps)[0]
 
@@ -74,19 +58,9 @@ def _triton(x, weight, bias, eps):
     return torch.ops.cpl_fast.channel_layernorm_triton(x, weight, bias, eps)[0]
 
 
-DISPATCHER = Dispatcher(
-    op="channel_layernorm",
-    backends={
-        "reference": Backend("reference", channel_layernorm_reference, available=lambda device: []),
-        "cpu": Backend("cpu", _compiled, available=lambda device: _reasons("CPU", "cpu", device),
-                       supports=dtype_reasons(CPU_DTYPES, "cpu")),
-        "cuda": Backend("cuda", _compiled, available=lambda device: _reasons("CUDA", "cuda", device),
-                        supports=dtype_reasons(GPU_DTYPES, "cuda")),
-        "triton": Backend("triton", _triton, available=_TRITON.reasons,
-                          supports=dtype_reasons(GPU_DTYPES, "triton")),
-    },
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
-)
+DISPATCHER = kernel_dispatcher(
+    "channel_layernorm", reference=channel_layernorm_reference, compiled=_compiled, triton=_triton,
+    triton_module="cpl_fast.kernels.channel_layernorm", cpu_dtypes=CPU_DTYPES, gpu_dtypes=GPU_DTYPES)
 
 
 def channel_layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -153,5 +127,5 @@ def _register_compiled_ops() -> None:
                                     setup_context=setup_context)
 
 
-if LOAD_ERROR is None:
+if DISPATCHER.kernels.load_error is None:
     _register_compiled_ops()

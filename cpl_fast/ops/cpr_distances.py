@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from cpl_fast import _extension
-from cpl_fast.ops._dispatch import Backend, Dispatcher, triton_reasons
+from cpl_fast.ops._dispatch import kernel_dispatcher
 from cpl_fast.ops._reference import cpr_distances_reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -92,50 +91,18 @@ def dense_samples(t: torch.Tensor, batch_dims: int) -> torch.Tensor:
     return t
 
 
-def _dtype_reasons(f_pos: torch.Tensor, *args) -> list[str]:
-    if f_pos.dtype not in SUPPORTED_DTYPES:
-        return [f"dtype {f_pos.dtype} is not one of {', '.join(map(str, SUPPORTED_DTYPES))}"]
-    return []
-
-
-def _compiled_reasons(dispatch_key: str, device_type: str):
-    """``available`` of a compiled backend: right device, extension loaded, kernel registered.
-
-    The extension is loaded once, at import; what it registered is looked up then too, so that the check is a
-    plain Python lookup that torch.compile can trace.
-    """
-    error = _extension.load_error()
-    if error is None and not _extension.has_kernel("cpr_distances", dispatch_key):
-        error = f"cpl_fast._C was built without a {dispatch_key} kernel of cpr_distances"
-
-    def reasons(device: torch.device) -> list[str]:
-        if device.type != device_type:
-            return [f"the {device_type} backend runs on {device_type} tensors, not {device.type}"]
-        return [error] if error is not None else []
-    return reasons
-
-
 def _compiled(f_pos, f_gt, f_neg, neg_weights):
     return torch.ops.cpl_fast.cpr_distances(f_pos, f_gt, f_neg, neg_weights)
 
 
 def _triton(f_pos, f_gt, f_neg, neg_weights):
-    from cpl_fast.kernels import cpr_distances as _kernels  # noqa: F401  (registers the triton op)
-
     return torch.ops.cpl_fast.cpr_distances_triton(f_pos, f_gt, f_neg, neg_weights)
 
 
-DISPATCHER = Dispatcher(
-    op="cpr_distances",
-    backends={
-        "reference": Backend("reference", cpr_distances_reference, available=lambda device: []),
-        "cpu": Backend("cpu", _compiled, available=_compiled_reasons("CPU", "cpu"), supports=_dtype_reasons),
-        "cuda": Backend("cuda", _compiled, available=_compiled_reasons("CUDA", "cuda"),
-                        supports=_dtype_reasons),
-        "triton": Backend("triton", _triton, available=triton_reasons, supports=_dtype_reasons),
-    },
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
-)
+# Every backend takes every floating dtype of SUPPORTED_DTYPES; the fused backward has no atomics.
+DISPATCHER = kernel_dispatcher("cpr_distances", reference=cpr_distances_reference, compiled=_compiled,
+                               triton=_triton, triton_module="cpl_fast.kernels.cpr_distances",
+                               cpu_dtypes=SUPPORTED_DTYPES, gpu_dtypes=SUPPORTED_DTYPES)
 
 
 def cpr_distances(f_pos: torch.Tensor, f_gt: torch.Tensor, f_neg: torch.Tensor,
@@ -178,5 +145,5 @@ def _backward(ctx, grad_l_pos, grad_l_neg):
     return grad_pos, grad_gt, grad_neg, None
 
 
-if _extension.load_error() is None:
+if DISPATCHER.kernels.load_error is None:
     _register_compiled()

@@ -14,20 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from cpl_fast import _extension
-from cpl_fast.ops._backbone_common import (
-    CPU_DTYPES,
-    GPU_DTYPES,
-    LOAD_ERROR,
-    TritonModule,
-    compiled_reasons,
-    dtype_reasons,
-)
-from cpl_fast.ops._dispatch import Backend, Dispatcher
+from cpl_fast.ops._dispatch import CPU_DTYPES, GPU_DTYPES, kernel_dispatcher
 from cpl_fast.ops._reference import gated_gelu_reference
-
-_HAS_KERNEL = {key: _extension.has_kernel("gated_gelu", key) for key in ("CPU", "CUDA")}
-_TRITON = TritonModule("cpl_fast.kernels.gated_gelu")
 
 
 def _validate(x) -> None:
@@ -42,10 +30,6 @@ def _validate(x) -> None:
                          f"{tuple(x.shape)}")
 
 
-def _reasons(dispatch_key: str, device_type: str, device: torch.device) -> list[str]:
-    return compiled_reasons("gated_gelu", _HAS_KERNEL, dispatch_key, device_type, device)
-
-
 def _compiled(x):
     return torch.ops.cpl_fast.gated_gelu(x)
 
@@ -54,19 +38,9 @@ def _triton(x):
     return torch.ops.cpl_fast.gated_gelu_triton(x)
 
 
-DISPATCHER = Dispatcher(
-    op="gated_gelu",
-    backends={
-        "reference": Backend("reference", gated_gelu_reference, available=lambda device: []),
-        "cpu": Backend("cpu", _compiled, available=lambda device: _reasons("CPU", "cpu", device),
-                       supports=dtype_reasons(CPU_DTYPES, "cpu")),
-        "cuda": Backend("cuda", _compiled, available=lambda device: _reasons("CUDA", "cuda", device),
-                        supports=dtype_reasons(GPU_DTYPES, "cuda")),
-        "triton": Backend("triton", _triton, available=_TRITON.reasons,
-                          supports=dtype_reasons(GPU_DTYPES, "triton")),
-    },
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
-)
+DISPATCHER = kernel_dispatcher(
+    "gated_gelu", reference=gated_gelu_reference, compiled=_compiled, triton=_triton,
+    triton_module="cpl_fast.kernels.gated_gelu", cpu_dtypes=CPU_DTYPES, gpu_dtypes=GPU_DTYPES)
 
 
 def gated_gelu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -111,5 +85,5 @@ def _register_compiled_ops() -> None:
                                     setup_context=setup_context)
 
 
-if LOAD_ERROR is None:
+if DISPATCHER.kernels.load_error is None:
     _register_compiled_ops()

@@ -16,12 +16,10 @@ op (it has no kernel of its own) and leave the choice as described.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from cpl_fast.ops._dispatch import BACKEND_NAMES, ENV_VAR
+from cpl_fast.ops._dispatch import requested_backend
 
 
 def _validate(x, weight, bias) -> None:
@@ -45,15 +43,6 @@ def _validate(x, weight, bias) -> None:
             raise ValueError(f"pointwise_conv: {name} dtype {t.dtype} differs from x dtype {x.dtype}")
 
 
-def _use_reference(backend: str) -> bool:
-    requested = backend if backend != "auto" else os.environ.get(ENV_VAR, "auto").strip() or "auto"
-    if requested != "auto" and requested not in BACKEND_NAMES:
-        source = "backend=" if backend != "auto" else ENV_VAR
-        raise ValueError(f"unknown backend '{requested}' (from {source}); "
-                         f"choose one of {', '.join(BACKEND_NAMES)} or 'auto'")
-    return requested == "reference"
-
-
 def pointwise_conv_gemm(x: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.conv2d(x, weight, bias)`` for a 1x1 ``weight``, as one batched GEMM (no checks, any device)."""
@@ -71,7 +60,9 @@ def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     """``F.conv2d(x, weight, bias)`` for ``weight (O, C, 1, 1)``: the GEMM where PyTorch's CPU convolution
     takes its slow path (one thread, batch below 16), else ``F.conv2d`` (module docstring)."""
     _validate(x, weight, bias)
-    if _use_reference(backend) or not takes_gemm(x):
+    # Read like the other ops' backend names (and rejected alike when unknown); only "reference" changes
+    # the choice, as this op has no kernels of its own.
+    if requested_backend(backend) == "reference" or not takes_gemm(x):
         return F.conv2d(x, weight, bias)
     return pointwise_conv_gemm(x, weight, bias)
 

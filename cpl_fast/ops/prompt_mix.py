@@ -19,12 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
-from cpl_fast import _extension
-from cpl_fast.ops._dispatch import Backend, Dispatcher, triton_reasons
+from cpl_fast.ops._dispatch import CPU_DTYPES, GPU_DTYPES, kernel_dispatcher
 from cpl_fast.ops._reference import prompt_mix_reference
-
-_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-_GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _validate(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -70,52 +66,9 @@ def _validate(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     return height, width
 
 
-# Read once at import (the import registers the ops anyway), so that the dispatch decision is made of
-# constants that torch.compile can trace through.
-_LOAD_ERROR = _extension.load_error()
-_HAS_KERNEL = {key: _extension.has_kernel("prompt_mix", key) for key in ("CPU", "CUDA")}
-
-
-def _compiled_reasons(dispatch_key: str, device_type: str, device: torch.device) -> list[str]:
-    """Why ``cpl_fast._C``'s ``dispatch_key`` kernel of prompt_mix cannot run on ``device``."""
-    reasons = []
-    if device.type != device_type:
-        reasons.append(f"it runs on {device_type} tensors, not {device.type}")
-    if _LOAD_ERROR is not None:
-        reasons.append(_LOAD_ERROR)
-    elif not _HAS_KERNEL[dispatch_key]:
-        reasons.append(f"cpl_fast._C was built without a {dispatch_key} kernel of prompt_mix")
-    return reasons
-
-
-def _dtype_reasons(dtypes: tuple[torch.dtype, ...], name: str):
-    def supports(bank: torch.Tensor, *_args) -> list[str]:
-        if bank.dtype in dtypes:
-            return []
-        return [f"the {name} backend takes {', '.join(str(d).removeprefix('torch.') for d in dtypes)}, "
-                f"not {str(bank.dtype).removeprefix('torch.')}"]
-    return supports
-
-
 def _compiled(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
               size: tuple[int, int]) -> torch.Tensor:
     return torch.ops.cpl_fast.prompt_mix(bank, indices, weights, size[0], size[1])
-
-
-_TRITON_IMPORT: list[str | None] = []    # filled on first use: None, or why the kernels did not import
-
-
-def _triton_available(device: torch.device) -> list[str]:
-    reasons = triton_reasons(device)
-    if reasons:
-        return reasons
-    if not _TRITON_IMPORT:     # imported lazily: triton is slow to import and optional
-        try:
-            import cpl_fast.kernels.prompt_mix  # noqa: F401  (registers cpl_fast::prompt_mix_triton)
-            _TRITON_IMPORT.append(None)
-        except ImportError as exc:
-            _TRITON_IMPORT.append(f"cpl_fast.kernels.prompt_mix failed to import: {exc}")
-    return [_TRITON_IMPORT[0]] if _TRITON_IMPORT[0] is not None else []
 
 
 def _triton(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
@@ -123,19 +76,10 @@ def _triton(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
     return torch.ops.cpl_fast.prompt_mix_triton(bank, indices, weights, size[0], size[1])
 
 
-DISPATCHER = Dispatcher(
-    op="prompt_mix",
-    backends={
-        "reference": Backend("reference", prompt_mix_reference, available=lambda device: []),
-        "cpu": Backend("cpu", _compiled, available=lambda device: _compiled_reasons("CPU", "cpu", device),
-                       supports=_dtype_reasons(_CPU_DTYPES, "cpu")),
-        "cuda": Backend("cuda", _compiled, available=lambda device: _compiled_reasons("CUDA", "cuda", device),
-                        supports=_dtype_reasons(_GPU_DTYPES, "cuda"), atomic_backward=True),
-        "triton": Backend("triton", _triton, available=_triton_available,
-                          supports=_dtype_reasons(_GPU_DTYPES, "triton"), atomic_backward=True),
-    },
-    priority={"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")},
-)
+DISPATCHER = kernel_dispatcher(
+    "prompt_mix", reference=prompt_mix_reference, compiled=_compiled, triton=_triton,
+    triton_module="cpl_fast.kernels.prompt_mix", cpu_dtypes=CPU_DTYPES, gpu_dtypes=GPU_DTYPES,
+    atomic_backward=("cuda", "triton"))
 
 
 def prompt_mix(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, size: Sequence[int],
@@ -175,5 +119,5 @@ def _register_compiled_ops() -> None:
     torch.library.register_autograd("cpl_fast::prompt_mix", backward, setup_context=setup_context)
 
 
-if _LOAD_ERROR is None:
+if DISPATCHER.kernels.load_error is None:
     _register_compiled_ops()
