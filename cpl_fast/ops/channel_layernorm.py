@@ -55,7 +55,10 @@ def _compiled(x, weight, bias, eps):
 
 
 def _triton(x, weight, bias, eps):
-    return torch.ops.cpl_fast.channel_layernorm_triton(x, weight, bias, eps)[0]
+    # The Triton kernels index weight and bias as dense vectors (the CUDA and CPU kernels copy a strided
+    # one themselves); C values each, so the copy is free next to x.
+    bias = None if bias is None else bias.contiguous()
+    return torch.ops.cpl_fast.channel_layernorm_triton(x, weight.contiguous(), bias, eps)[0]
 
 
 DISPATCHER = kernel_dispatcher(
