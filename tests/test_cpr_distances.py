@@ -1,36 +1,21 @@
-"""cpl_fast.ops.cpr_distances: every available backend against the plain-PyTorch oracle.
+"""cpl_fast.ops.cpr_distances: the shared op tests (tests/op_harness.py) and the op's own.
 
 The Triton kernels run on CUDA devices, or on the CPU under ``TRITON_INTERPRET=1``; the variable must be set
-before triton is imported, so ``test_triton_interpreted_in_subprocess`` re-runs this file's Triton tests in a
+before triton is imported, so ``test_interpreted_kernels_in_subprocess`` re-runs this file's Triton tests in a
 child process with it set, leaving the rest of the suite unaffected.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+import itertools
 
 import pytest
 import torch
+from op_harness import PAIRS, Inputs, KernelOpTester, backend_or_skip, param, run
 
 from cpl_fast import _extension
 from cpl_fast.ops import cpr_distances, cpr_distances_reference
 from cpl_fast.ops.cpr_distances import DISPATCHER
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def _available(backend: str, device: str) -> bool:
-    return not DISPATCHER.backends[backend].available(torch.device(device))
-
-
-# (backend, device) pairs under test. The Triton kernels run on the CPU only in the interpreted child process.
-FAST = [(b, d) for d in DEVICES for b in ("cpu", "cuda", "triton")
-        if _available(b, d) and (b != "triton" or d == "cuda" or INTERPRETED)]
-COMPILED = [(b, d) for b, d in FAST if b in ("cpu", "cuda")]
-TRITON = [(b, d) for b, d in FAST if b == "triton"]
 needs_ext = pytest.mark.skipif(_extension.load_error() is not None, reason=f"{_extension.load_error()}")
 
 
@@ -70,55 +55,28 @@ def _run(fn, leaves, build, upstream):
     return [o.detach() for o in outputs], list(grads)
 
 
-def _check(backend: str, device: str, dtype: torch.dtype, batch: int, m: int, trailing, layout: str,
-           weighted: bool, seed: int) -> None:
+def _inputs(batch: int, m: int, trailing, dtype: torch.dtype, device: str, layout: str, weighted: bool,
+            seed: int) -> Inputs:
     leaves, build = _case(batch, m, trailing, dtype, device, layout, weighted, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     upstream = [torch.randn(batch, generator=gen, dtype=torch.float64).to(device) for _ in range(2)]
-    got = _run(lambda *a: cpr_distances(*a, backend=backend), leaves, build, [u.to(dtype) for u in upstream])
-    exact = _run(cpr_distances_reference, [leaf.double() for leaf in leaves], build, upstream)
-    low = _run(cpr_distances_reference, leaves, build, [u.to(dtype) for u in upstream])
-    names = ["l_pos", "l_neg"] + [f"grad of leaf {i}" for i in range(len(leaves))]
-    for name, g, e, lo in zip(names, got[0] + got[1], exact[0] + exact[1], low[0] + low[1]):
-        assert g.dtype == dtype and g.shape == e.shape, name
-        err = (g.double() - e).abs().max().item()
-        if dtype == torch.float64:
-            budget = 1e-12 * (1 + e.abs().max().item())
-        else:
-            # flash-attention's error budget: twice PyTorch's own error in this dtype, plus one rounding.
-            budget = (2 * (lo.double() - e).abs().max().item()
-                      + torch.finfo(dtype).eps * e.abs().max().item())
-        assert err <= budget, f"{backend}/{dtype}/{name}: error {err:.3g} > budget {budget:.3g}"
+    return Inputs(leaves, build, upstream)
 
 
-@pytest.mark.parametrize("backend,device", FAST)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 4])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("layout", ["views", "strided"])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_matches_reference(backend, device, dtype, m, batch, layout, weighted):
-    _check(backend, device, dtype, batch, m, (3, 5, 7), layout, weighted, seed=100 * m + 10 * batch)
+def _check(backend: str, device: str, dtype: torch.dtype, batch: int, m: int, trailing, layout: str,
+           weighted: bool, seed: int) -> None:
+    """The backend's values and gradients against the float64 oracle (TestCprDistances.compare)."""
+    TestCprDistances().check(backend, device, dtype, (batch, m, trailing, layout, weighted, seed))
 
 
-@pytest.mark.parametrize("backend,device", FAST)
-@pytest.mark.parametrize("trailing,m", [((9000,), 3), ((4, 33, 65), 5), ((1,), 2), ((2, 1, 3), 9)])
-def test_matches_reference_chunked_and_odd_shapes(backend, device, trailing, m):
-    """Several chunks per sample with a ragged last chunk, a single element, more negatives than one group."""
-    _check(backend, device, torch.float64, 2, m, trailing, "views", True, seed=7)
-
-
-@pytest.mark.parametrize("backend,device", [("reference", "cpu")] + COMPILED + TRITON)
-def test_gradcheck(backend, device):
-    gen = torch.Generator().manual_seed(3)
-    args = [torch.randn(*s, generator=gen, dtype=torch.float64).to(device).requires_grad_(True)
-            for s in ((2, 3, 4), (2, 3, 4), (3, 2, 3, 4))]
-    weights = torch.rand(2, 3, generator=gen, dtype=torch.float64).to(device)
-    fast = backend == "triton" and INTERPRETED  # the interpreter is slow; fast mode checks random projections
-    assert torch.autograd.gradcheck(lambda p, g, n: cpr_distances(p, g, n, weights, backend=backend), args,
-                                    fast_mode=fast)
-    assert torch.autograd.gradcheck(lambda p, g, n: cpr_distances(p, g, n, None, backend=backend), args,
-                                    fast_mode=fast)
+def _gradcheck(weighted: bool):
+    def make(dtype, device):
+        gen = torch.Generator().manual_seed(3)
+        leaves = [torch.randn(*s, generator=gen, dtype=dtype).to(device)
+                  for s in ((2, 3, 4), (2, 3, 4), (3, 2, 3, 4))]
+        weights = torch.rand(2, 3, generator=gen, dtype=dtype).to(device) if weighted else None
+        return Inputs(leaves, lambda p, g, n: (p, g, n, weights), [])
+    return make
 
 
 def _opcheck_args(device: str, weighted: bool):
@@ -129,41 +87,87 @@ def _opcheck_args(device: str, weighted: bool):
     return feats[:2], f_gt, feats[2:].view(2, 2, 2, 3), weights
 
 
-@needs_ext
-@pytest.mark.parametrize("device", [d for b, d in COMPILED])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck_compiled(device, weighted):
-    f_pos, f_gt, f_neg, weights = _opcheck_args(device, weighted)
-    torch.library.opcheck(torch.ops.cpl_fast.cpr_distances.default, (f_pos, f_gt, f_neg, weights))
-    grads = [torch.randn(2, dtype=torch.float64, device=device) for _ in range(2)]
-    torch.library.opcheck(torch.ops.cpl_fast._cpr_distances_backward.default,
-                          (*grads, f_pos.detach(), f_gt, f_neg.detach(), weights))
+def _bad_calls() -> dict:
+    pos, gt, neg = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(4, 2, 3, 4)
+    return {
+        "gt_shape": ((pos, torch.randn(2, 3, 5), neg, None), ValueError,
+                     r"f_gt shape \(2, 3, 5\) does not match f_pos shape \(2, 3, 4\)"),
+        "neg_shape": ((pos, gt, torch.randn(4, 3, 3, 4), None), ValueError,
+                      r"f_neg must have shape \(m, \*f_pos.shape\) = \(m, 2, 3, 4\), got \(4, 3, 3, 4\)"),
+        "neg_dims": ((pos, gt, torch.randn(2, 3, 4), None), ValueError, r"f_neg must have shape"),
+        "no_negatives": ((pos, gt, torch.randn(0, 2, 3, 4), None), ValueError, r"no negatives \(m = 0\)"),
+        "weights_shape": ((pos, gt, neg, torch.rand(2, 3)), ValueError,
+                          r"neg_weights must have shape \(B, m\) = \(2, 4\), got \(2, 3\)"),
+        "weights_int": ((pos, gt, neg, torch.ones(2, 4, dtype=torch.int64)), TypeError,
+                        "neg_weights must be floating point"),
+        "dtypes_differ": ((pos, gt.double(), neg, None), TypeError, r"must share one dtype"),
+        "int_features": ((pos.long(), gt.long(), neg.long(), None), TypeError, r"must be floating point"),
+        "empty_sample": ((torch.randn(2, 0), torch.randn(2, 0), torch.randn(4, 2, 0), None), ValueError,
+                         "no elements per sample"),
+        "empty_batch": ((torch.randn(0, 3), torch.randn(0, 3), torch.randn(4, 0, 3), None), ValueError,
+                        r"empty batch"),
+    }
 
 
-@pytest.mark.parametrize("device", [d for b, d in TRITON])
-@pytest.mark.parametrize("weighted", [False, True])
-def test_triton_opcheck(device, weighted):
-    from cpl_fast.kernels import cpr_distances as kernels  # noqa: F401  (registers the triton ops)
+class TestCprDistances(KernelOpTester):
+    fn = cpr_distances
+    reference = cpr_distances_reference
+    dispatcher = DISPATCHER
+    output_names = ("l_pos", "l_neg")
+    # bfloat16 runs in test_matches_reference under this op's own budget (compare), so there is no
+    # separate half-precision test; every case runs in both layouts, the strided one being the
+    # non-contiguous case.
+    dtypes = (torch.float64, torch.float32, torch.bfloat16)
+    cases = {f"{layout}-m{m}-b{batch}-{'weighted' if weighted else 'unweighted'}":
+             (batch, m, (3, 5, 7), layout, weighted, 100 * m + 10 * batch)
+             for weighted, layout, batch, m in itertools.product((False, True), ("views", "strided"), (1, 3),
+                                                                 (1, 2, 4))}
+    # Several chunks per sample with a ragged last chunk, a single element, more negatives than one group.
+    odd_cases = {f"odd_{'x'.join(map(str, trailing))}_m{m}": (2, m, trailing, "views", True, 7)
+                 for trailing, m in (((9000,), 3), ((4, 33, 65), 5), ((1,), 2), ((2, 1, 3), 9))}
+    gradcheck_cases = {"weighted": _gradcheck(True), "unweighted": _gradcheck(False)}
+    dispatch_case = (2, 2, (3, 4), "views", True, 13)
+    fallback_dtype = None           # every backend takes every floating dtype cpr_distances supports
+    opcheck_variants = {"unweighted": False, "weighted": True}
+    test_low_precision_error_budget = None
+    test_non_contiguous_inputs = None
+    test_auto_falls_back_to_reference_and_says_so = None
 
-    f_pos, f_gt, f_neg, weights = _opcheck_args(device, weighted)
-    # Under TRITON_INTERPRET=1, wrap_triton launches the kernel eagerly (it cannot be traced), so the
-    # fake-tensor and AOT checks only run where the kernels are compiled (CUDA).
-    utils = ("test_schema", "test_autograd_registration") if device == "cpu" else None
-    kwargs = {"test_utils": utils} if utils else {}
-    torch.library.opcheck(torch.ops.cpl_fast.cpr_distances_triton.default, (f_pos, f_gt, f_neg, weights),
-                          **kwargs)
+    def reference_cases(self):
+        odd = [(name, case, torch.float64) for name, case in self.odd_cases.items()]
+        return super().reference_cases() + odd
 
+    def make_inputs(self, case, dtype, device):
+        if callable(case):
+            return case(dtype, device)
+        batch, m, trailing, layout, weighted, seed = case
+        return _inputs(batch, m, trailing, dtype, device, layout, weighted, seed)
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the parent of the interpreted run")
-def test_triton_interpreted_in_subprocess():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton and not subprocess",
-         str(Path(__file__))],
-        env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and " skipped" not in result.stdout, result.stdout[-2000:]
+    def compare(self, got, inputs, dtype):
+        exact = run(cpr_distances_reference, inputs, exact=True)
+        low = run(cpr_distances_reference, inputs)
+        for name, g, e, lo in zip(self.names(inputs), got, exact, low):
+            assert g.dtype == dtype and g.shape == e.shape, name
+            err = (g.double() - e).abs().max().item()
+            if dtype == torch.float64:
+                budget = 1e-12 * (1 + e.abs().max().item())
+            else:
+                # flash-attention's error budget: twice PyTorch's own error in this dtype, plus one rounding.
+                budget = (2 * (lo.double() - e).abs().max().item()
+                          + torch.finfo(dtype).eps * e.abs().max().item())
+            assert err <= budget, f"{dtype}/{name}: error {err:.3g} > budget {budget:.3g}"
+
+    def opcheck_calls(self, backend, device, weighted):
+        f_pos, f_gt, f_neg, weights = _opcheck_args(device, weighted)
+        if backend == "triton":
+            return [(torch.ops.cpl_fast.cpr_distances_triton.default, (f_pos, f_gt, f_neg, weights))]
+        grads = [torch.randn(2, dtype=torch.float64, device=device) for _ in range(2)]
+        return [(torch.ops.cpl_fast.cpr_distances.default, (f_pos, f_gt, f_neg, weights)),
+                (torch.ops.cpl_fast._cpr_distances_backward.default,
+                 (*grads, f_pos.detach(), f_gt, f_neg.detach(), weights))]
+
+    def bad_inputs(self):
+        return {name: (args, {}, error, match) for name, (args, error, match) in _bad_calls().items()}
 
 
 @needs_ext
@@ -184,11 +188,6 @@ def test_cpu_is_bitwise_reproducible_and_thread_independent():
 
 
 @needs_ext
-def test_auto_picks_cpu_backend():
-    assert DISPATCHER.select(torch.zeros(1), backend="auto", device=torch.device("cpu")).name == "cpu"
-
-
-@needs_ext
 def test_compiles_with_fullgraph():
     leaves, build = _case(2, 2, (3, 4), torch.float64, "cpu", "views", True, seed=13)
     fn = torch.compile(lambda *a: cpr_distances(*a, backend="cpu"), backend="aot_eager", fullgraph=True)
@@ -198,46 +197,18 @@ def test_compiles_with_fullgraph():
         torch.testing.assert_close(a, b)
 
 
-def _bad_calls():
-    pos, gt, neg = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.randn(4, 2, 3, 4)
-    return [
-        ((pos, torch.randn(2, 3, 5), neg, None), ValueError,
-         r"f_gt shape \(2, 3, 5\) does not match f_pos shape \(2, 3, 4\)"),
-        ((pos, gt, torch.randn(4, 3, 3, 4), None), ValueError,
-         r"f_neg must have shape \(m, \*f_pos.shape\) = \(m, 2, 3, 4\), got \(4, 3, 3, 4\)"),
-        ((pos, gt, torch.randn(2, 3, 4), None), ValueError, r"f_neg must have shape"),
-        ((pos, gt, torch.randn(0, 2, 3, 4), None), ValueError, r"no negatives \(m = 0\)"),
-        ((pos, gt, neg, torch.rand(2, 3)), ValueError,
-         r"neg_weights must have shape \(B, m\) = \(2, 4\), got \(2, 3\)"),
-        ((pos, gt, neg, torch.ones(2, 4, dtype=torch.int64)), TypeError,
-         "neg_weights must be floating point"),
-        ((pos, gt.double(), neg, None), TypeError, r"must share one dtype"),
-        ((pos.long(), gt.long(), neg.long(), None), TypeError, r"must be floating point"),
-        ((torch.randn(2, 0), torch.randn(2, 0), torch.randn(4, 2, 0), None), ValueError,
-         "no elements per sample"),
-        ((torch.randn(0, 3), torch.randn(0, 3), torch.randn(4, 0, 3), None), ValueError, r"empty batch"),
-    ]
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpu", "auto"])
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_clear_errors(backend, index):
-    args, error, message = _bad_calls()[index]
-    with pytest.raises(error, match=message):
-        cpr_distances(*args, backend=backend)
-
-
 @needs_ext
-@pytest.mark.parametrize("index", range(len(_bad_calls())))
-def test_clear_errors_from_the_compiled_op(index):
-    args, error, message = _bad_calls()[index]
+@pytest.mark.parametrize("name", list(_bad_calls()))
+def test_clear_errors_from_the_compiled_op(name):
+    args, error, message = _bad_calls()[name]
     with pytest.raises(error, match=message.split(r" \(")[0]):
         torch.ops.cpl_fast.cpr_distances(*args)
 
 
-@pytest.mark.parametrize("backend,device", COMPILED + TRITON)
+@pytest.mark.parametrize("backend,device", [param(b, d, device=d, id=f"{b}-{d}") for b, d in PAIRS])
 def test_neg_weights_get_no_gradient(backend, device):
     """The fused backward treats neg_weights as constants (a task-similarity matrix)."""
+    backend_or_skip(DISPATCHER, backend, device)
     leaves, build = _case(2, 2, (3,), torch.float64, device, "views", False, seed=17)
     f_pos, f_gt, f_neg, _ = build(*[leaf.requires_grad_(True) for leaf in leaves])
     weights = torch.rand(2, 2, dtype=torch.float64, device=device, requires_grad=True)

@@ -1,29 +1,14 @@
-"""cpl_fast.ops.gated_gelu: every backend against the reference, gradients, registration, dispatch.
+"""cpl_fast.ops.gated_gelu: the shared op tests (tests/op_harness.py) and the op's own.
 
 The Triton kernels run on a CUDA device when there is one; on the CPU they run under ``TRITON_INTERPRET=1``
 in a child process (``test_interpreted_kernels_in_subprocess``), and the Triton cases of this process skip.
 """
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
-import torch.nn.functional as F
-from op_backends import (
-    BACKEND_IDS,
-    BACKENDS,
-    HAS_CUDA,
-    INTERPRETED,
-    LOW_PRECISION,
-    TOL,
-    backend_or_skip,
-    low_precision_check,
-    run_interpreted,
-)
+from op_harness import INTERPRETED, TOL, Inputs, KernelOpTester, backend_or_skip
 
-import cpl_fast.ops
-from cpl_fast import _extension
 from cpl_fast.ops import gated_gelu, gated_gelu_reference
 from cpl_fast.ops.gated_gelu import DISPATCHER
 
@@ -55,17 +40,48 @@ def half(shape):
     return (shape[0], shape[1] // 2) + tuple(shape[2:])
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_matches_reference(backend, device, dtype, shape):
-    backend_or_skip(DISPATCHER, backend, device)
-    x = make_x(shape, dtype, device)
-    grad_out = torch.randn(half(shape), dtype=dtype, device=device)
-    expected = run_with_grads(gated_gelu_reference, x, grad_out)
-    actual = run_with_grads(lambda t: gated_gelu(t, backend=backend), x, grad_out)
-    for name, got, want in zip(("out", "grad_x"), actual, expected):
-        torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
+def _non_contiguous(dtype, device):
+    grad_out = torch.randn(2, 5, 7, 10, dtype=torch.float64, device=device)[..., 1::2]
+    return Inputs([make_x((3, 12, 7, 10), dtype, device)], lambda x: (x[1:, 1:11, :, ::2],), [grad_out])
+
+
+class TestGatedGelu(KernelOpTester):
+    fn = gated_gelu
+    reference = gated_gelu_reference
+    dispatcher = DISPATCHER
+    cases = {**SHAPES, "lowprec": (2, 26, 5, 9)}
+    low_precision_cases = ("lowprec",)
+    non_contiguous_cases = {"strided": _non_contiguous}
+    gradcheck_cases = {"small": (2, 6, 3, 4)}
+    dispatch_case = (2, 4, 3)
+
+    def reference_cases(self):
+        return [c for c in super().reference_cases() if c[0] != "lowprec"]
+
+    def make_inputs(self, case, dtype, device):
+        if callable(case):
+            return case(dtype, device)
+        grad_out = torch.randn(half(case), dtype=torch.float64, device=device)
+        return Inputs([make_x(case, dtype, device)], lambda x: (x,), [grad_out])
+
+    def names(self, inputs):
+        return ["out", "grad_x"]
+
+    def opcheck_calls(self, backend, device, variant):
+        x = make_x((2, 6, 3, 4), torch.float64, device).requires_grad_(True)
+        if backend == "triton":
+            return [(torch.ops.cpl_fast.gated_gelu_triton.default, (x,))]
+        grad_out = torch.randn(2, 3, 3, 4, dtype=torch.float64, device=device)
+        return [(torch.ops.cpl_fast.gated_gelu.default, (x,)),
+                (torch.ops.cpl_fast._gated_gelu_backward.default, (grad_out, x.detach()))]
+
+    def bad_inputs(self):
+        return {
+            "1d": ((torch.randn(4),), {}, ValueError, r"x must be \(B, 2C, ...\)"),
+            "odd": ((torch.randn(2, 3, 4),), {}, ValueError, "even number of channels"),
+            "int": ((torch.randint(0, 3, (2, 4, 3)),), {}, ValueError, "floating-point"),
+            "list": (([1.0, 2.0],), {}, TypeError, "must be a tensor"),
+        }
 
 
 def test_extreme_values():
@@ -79,43 +95,6 @@ def test_extreme_values():
                                    **TOL[dtype])
         nan = torch.tensor([[[float("nan")], [1.0]]], dtype=dtype)
         assert torch.isnan(gated_gelu(nan, backend="cpu")).all()
-
-
-@pytest.mark.parametrize("backend,device", BACKENDS, ids=BACKEND_IDS)
-def test_non_contiguous_inputs(backend, device):
-    backend_or_skip(DISPATCHER, backend, device)
-    dtype = torch.float64
-    x = make_x((3, 12, 7, 10), dtype, device)[1:, 1:11, :, ::2]     # (2, 10, 7, 5), strided
-    grad_out = torch.randn(2, 5, 7, 10, dtype=dtype, device=device)[..., 1::2]
-    assert not (x.is_contiguous() or grad_out.is_contiguous())
-    expected = run_with_grads(gated_gelu_reference, x, grad_out)
-    actual = run_with_grads(lambda t: gated_gelu(t, backend=backend), x, grad_out)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want, **TOL[dtype])
-
-
-@pytest.mark.parametrize("backend,device,dtype", LOW_PRECISION, ids=lambda v: str(v).removeprefix("torch."))
-def test_low_precision_error_budget(backend, device, dtype):
-    backend_or_skip(DISPATCHER, backend, device)
-    x = make_x((2, 26, 5, 9), dtype, device)
-    grad_out = torch.randn(2, 13, 5, 9, device=device).to(dtype)
-    low_precision_check(gated_gelu_reference, lambda t: gated_gelu(t, backend=backend), [x], grad_out, dtype)
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_gradcheck(backend):
-    if backend != "reference":
-        backend_or_skip(DISPATCHER, backend, "cpu")
-    x = make_x((2, 6, 3, 4), torch.float64).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda t: gated_gelu(t, backend=backend), (x,))
-
-
-def test_opcheck_registered_ops():
-    backend_or_skip(DISPATCHER, "cpu", "cpu")
-    x = make_x((2, 6, 3, 4), torch.float64).requires_grad_(True)
-    torch.library.opcheck(torch.ops.cpl_fast.gated_gelu.default, (x,))
-    grad_out = torch.randn(2, 3, 3, 4, dtype=torch.float64)
-    torch.library.opcheck(torch.ops.cpl_fast._gated_gelu_backward.default, (grad_out, x.detach()))
 
 
 def test_float32_kernel_is_as_close_to_float64_as_pytorch():
@@ -139,62 +118,7 @@ def test_compiled_op_checks_its_arguments():
         torch.ops.cpl_fast._gated_gelu_backward(torch.randn(2, 4, 4), torch.randn(2, 4, 4))
 
 
-# --- dispatch --------------------------------------------------------------------------------------
-
-def test_auto_picks_cpu_backend_on_cpu():
-    backend_or_skip(DISPATCHER, "cpu", "cpu")
-    x = make_x((2, 4, 3), torch.float32)
-    assert DISPATCHER.select(x, device=x.device).name == "cpu"
-
-
-def test_forced_backends(monkeypatch):
-    x = make_x((2, 4, 3), torch.float64)
-    with pytest.raises(RuntimeError, match=r"backend .cuda. cannot run this call: .*tensors, not cpu"):
-        gated_gelu(x, backend="cuda")
-    if not INTERPRETED and not HAS_CUDA:
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            gated_gelu(x, backend="triton")
-    monkeypatch.setenv("CPL_FAST_BACKEND", "reference")
-    torch.testing.assert_close(gated_gelu(x), gated_gelu_reference(x), rtol=0, atol=0)
-
-
-def test_auto_falls_back_to_reference_for_float16_and_says_so(caplog):
-    backend_or_skip(DISPATCHER, "cpu", "cpu")
-    x = make_x((2, 4, 3), torch.float16)
-    DISPATCHER._announced.discard(("reference", "cpu"))
-    with caplog.at_level(logging.WARNING, logger="cpl_fast"):
-        out = gated_gelu(x)
-    assert "uses the 'reference' backend" in caplog.text and "float16" in caplog.text
-    torch.testing.assert_close(out, F.gelu(x[:, :2]) * x[:, 2:])
-
-
-def test_available_backends_reports_the_op():
-    report = cpl_fast.ops.available_backends("cpu")["gated_gelu"]
-    assert report["reference"] == [] and report["cuda"]
-    assert (report["cpu"] == []) == (_extension.load_error() is None)
-
-
-@pytest.mark.parametrize("x,error,match", [
-    (torch.randn(4), ValueError, r"x must be \(B, 2C, ...\)"),
-    (torch.randn(2, 3, 4), ValueError, "even number of channels"),
-    (torch.randint(0, 3, (2, 4, 3)), ValueError, "floating-point"),
-    ([1.0, 2.0], TypeError, "must be a tensor"),
-], ids=["1d", "odd", "int", "list"])
-def test_bad_inputs(x, error, match):
-    with pytest.raises(error, match=match):
-        gated_gelu(x)
-
-
 # --- Triton --------------------------------------------------------------------------------------
-
-def test_triton_opcheck():
-    device = "cuda" if HAS_CUDA else "cpu"
-    backend_or_skip(DISPATCHER, "triton", device)
-    x = make_x((2, 6, 3, 4), torch.float64, device).requires_grad_(True)
-    utils = ("test_schema", "test_autograd_registration") if device == "cpu" else None
-    torch.library.opcheck(torch.ops.cpl_fast.gated_gelu_triton.default, (x,),
-                          test_utils=utils or torch.library._OPCHECK_DEFAULT_UTILS)
-
 
 def test_triton_kernels_compile_for_sm90():
     if INTERPRETED:
@@ -204,7 +128,3 @@ def test_triton_kernels_compile_for_sm90():
 
     for kernel in (kernels._gated_gelu_fwd_kernel, kernels._gated_gelu_bwd_kernel):
         compile_for_sm90(kernel, {}, constexprs={"USE_FP64": False, "BLOCK": 1024})
-
-
-def test_interpreted_kernels_in_subprocess():
-    run_interpreted(__file__)

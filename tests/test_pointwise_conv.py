@@ -1,10 +1,12 @@
-"""cpl_fast.ops.pointwise_conv (the 1x1 convolution as a batched GEMM) and the PointwiseConv2d module."""
+"""cpl_fast.ops.pointwise_conv (the 1x1 convolution as a batched GEMM) and the PointwiseConv2d module: the
+shared op tests (tests/op_harness.py) and the op's own."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from op_harness import TOL, Inputs, OpTester
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cpl_fast.models.restormer import PointwiseConv2d, set_backbone_ops
@@ -14,7 +16,6 @@ from cpl_fast.ops.pointwise_conv import takes_gemm
 # One thread: pointwise_conv takes the GEMM there (batch below 16), which is what most cases check.
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOL = {torch.float64: dict(atol=1e-12, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=1e-5)}
 SHAPES = {  # (B, C, O, H, W): odd channel counts, one channel in or out, H = 1, W = 1, batch 1
     "odd": (2, 13, 7, 5, 9),
     "c1": (3, 1, 5, 4, 4),
@@ -37,49 +38,54 @@ class AtenOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def run_with_grads(fn, x, weight, bias, grad_out):
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, bias)]
-    out = fn(*leaves)
-    out.backward(grad_out)
-    return [out.detach()] + [t.grad for t in leaves if t is not None]
+def _non_contiguous(layout):
+    def make(dtype, device):
+        weight = torch.randn(4, 10, dtype=dtype, device=device)
+
+        def strided(w):
+            return w[:, ::2].reshape(4, 5, 1, 1)
+        grad_out = torch.randn(2, 4, 6, 14, dtype=torch.float64, device=device)[..., ::2]
+        if layout == "channels_last":
+            x = torch.randn(2, 5, 6, 7, dtype=dtype, device=device).to(memory_format=torch.channels_last)
+            return Inputs([x, weight], lambda x, w: (x, strided(w)), [grad_out])
+        x = torch.randn(3, 10, 6, 14, dtype=dtype, device=device)
+        return Inputs([x, weight], lambda x, w: (x[1:, ::2, :, ::2], strided(w)), [grad_out])
+    return make
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_matches_conv2d(dtype, bias, shape):
-    batch, cin, cout, height, width = shape
-    x = torch.randn(batch, cin, height, width, dtype=dtype)
-    weight = torch.randn(cout, cin, 1, 1, dtype=dtype)
-    b = torch.randn(cout, dtype=dtype) if bias else None
-    grad_out = torch.randn(batch, cout, height, width, dtype=dtype)
-    expected = run_with_grads(pointwise_conv_reference, x, weight, b, grad_out)
-    actual = run_with_grads(pointwise_conv, x, weight, b, grad_out)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want, **TOL[dtype])
+class TestPointwiseConv(OpTester):
+    fn = pointwise_conv
+    reference = pointwise_conv_reference
+    # No kernels of its own: "auto" is the GEMM on one CPU thread (the module's one_thread fixture).
+    backends = (("auto", "cpu"),)
+    cases = {f"{name}-{kind}": (shape, kind == "bias") for name, shape in SHAPES.items()
+             for kind in ("bias", "no_bias")}
+    non_contiguous_cases = {layout: _non_contiguous(layout) for layout in ("channels_last", "sliced")}
+    gradcheck_cases = {"bias": ((2, 3, 4, 4, 5), True)}
+    test_low_precision_error_budget = None     # autocast is test_autocast_gives_the_convolution_dtype
 
+    def make_inputs(self, case, dtype, device):
+        if callable(case):
+            return case(dtype, device)
+        (batch, cin, cout, height, width), bias = case
+        leaves = [torch.randn(batch, cin, height, width, dtype=dtype, device=device),
+                  torch.randn(cout, cin, 1, 1, dtype=dtype, device=device)]
+        if bias:
+            leaves.append(torch.randn(cout, dtype=dtype, device=device))
+        grad_out = torch.randn(batch, cout, height, width, dtype=torch.float64, device=device)
+        return Inputs(leaves, lambda x, w, b=None: (x, w, b), [grad_out])
 
-@pytest.mark.parametrize("layout", ["channels_last", "sliced"])
-def test_non_contiguous_inputs(layout):
-    dtype = torch.float64
-    if layout == "channels_last":
-        x = torch.randn(2, 5, 6, 7, dtype=dtype).to(memory_format=torch.channels_last)
-    else:
-        x = torch.randn(3, 10, 6, 14, dtype=dtype)[1:, ::2, :, ::2]
-    weight = torch.randn(4, 10, dtype=dtype)[:, ::2].reshape(4, 5, 1, 1)
-    grad_out = torch.randn(2, 4, 6, 14, dtype=dtype)[..., ::2]
-    assert not x.is_contiguous()
-    expected = run_with_grads(pointwise_conv_reference, x, weight, None, grad_out)
-    actual = run_with_grads(pointwise_conv, x, weight, None, grad_out)
-    for got, want in zip(actual, expected):
-        torch.testing.assert_close(got, want, **TOL[dtype])
-
-
-def test_gradcheck():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(pointwise_conv, (x, weight, bias))
+    def bad_inputs(self):
+        x, w = torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1)
+        one_by_one = r"weight must be \(O, 4, 1, 1\)"
+        return {
+            "x_3d": ((torch.randn(2, 4, 3), w, None), {}, ValueError, r"x must be \(B, C, H, W\)"),
+            "kernel_3x3": ((x, torch.randn(5, 4, 3, 3), None), {}, ValueError, one_by_one),
+            "channels": ((x, torch.randn(5, 3, 1, 1), None), {}, ValueError, one_by_one),
+            "bias": ((x, w, torch.randn(4)), {}, ValueError, r"bias must be None or \(5,\)"),
+            "dtype": ((x, torch.randn(5, 4, 1, 1, dtype=torch.float64), None), {}, ValueError, "dtype"),
+            "type": ((x, "w", None), {}, TypeError, "must be tensors"),
+        }
 
 
 @pytest.fixture
@@ -121,20 +127,6 @@ def test_autocast_gives_the_convolution_dtype(one_cpu_thread):
         got, want = pointwise_conv(x, weight), F.conv2d(x, weight)
     assert got.dtype == want.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-
-
-@pytest.mark.parametrize("args,error,match", [
-    ((torch.randn(2, 4, 3), torch.randn(5, 4, 1, 1), None), ValueError, r"x must be \(B, C, H, W\)"),
-    ((torch.randn(2, 4, 3, 3), torch.randn(5, 4, 3, 3), None), ValueError, r"weight must be \(O, 4, 1, 1\)"),
-    ((torch.randn(2, 4, 3, 3), torch.randn(5, 3, 1, 1), None), ValueError, r"weight must be \(O, 4, 1, 1\)"),
-    ((torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1), torch.randn(4)), ValueError,
-     r"bias must be None or \(5,\)"),
-    ((torch.randn(2, 4, 3, 3), torch.randn(5, 4, 1, 1, dtype=torch.float64), None), ValueError, "dtype"),
-    ((torch.randn(2, 4, 3, 3), "w", None), TypeError, "must be tensors"),
-], ids=["x_3d", "kernel_3x3", "channels", "bias", "dtype", "type"])
-def test_bad_inputs(args, error, match):
-    with pytest.raises(error, match=match):
-        pointwise_conv(*args)
 
 
 def test_unknown_backend_is_a_value_error():
