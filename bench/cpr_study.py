@@ -30,7 +30,7 @@ SCORE_FILE = "score.json"
 
 def conditions() -> dict[str, dict[str, Any]]:
     """Entry name -> dotted settings, read from the preset (one source for the grid)."""
-    from cpl_fast.train.config import flat_dotted, load_config
+    from cpl_fast.config import flat_dotted, load_config
 
     config = load_config("cpr_study")
     return {MAIN: {}, **{name: flat_dotted(o) for name, o in config["baselines"].items()}}
@@ -58,7 +58,7 @@ def task_information(scores: dict[str, Any]) -> list[float]:
     """Per level, the task-expert mutual information (bits) from ``evaluate``'s per-task counts."""
     import torch
 
-    from cpl_fast.eval.health import information_from_counts
+    from cpl_fast.metrics.routing import information_from_counts
 
     levels = len(next(iter(scores.values()))["levels"])
     return [information_from_counts([torch.tensor(s["levels"][level]["counts"]) for s in scores.values()])
@@ -71,10 +71,11 @@ def score(run_dir: Path) -> dict[str, Any]:
     from torch.utils.data import Subset
 
     from cpl_fast.eval.cli import test_dataset
-    from cpl_fast.eval.scoring import average, evaluate, score_inputs
-    from cpl_fast.eval.health import eval_prompt_gap
-    from cpl_fast.eval.inference import restore_image
-    from cpl_fast.eval.loading import load_model
+    from cpl_fast.eval.prompt_gap import eval_prompt_gap
+    from cpl_fast.eval.scoring import evaluate, score_inputs
+    from cpl_fast.inference.restoration import restore_image
+    from cpl_fast.metrics.protocols import average
+    from cpl_fast.runs.loading import load_model
 
     torch.set_num_threads(1)
     loaded = load_model(run_dir)

@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cpl_fast.eval.inference import restore_image
-    from cpl_fast.eval.loading import load_model
-    from cpl_fast.eval.metrics import psnr
+    from cpl_fast.inference.restoration import restore_image
+    from cpl_fast.metrics.image import psnr
+    from cpl_fast.runs.loading import load_model
 
     noisy, clean = noisy_astronaut(args.size, args.sigma)
     panels = [("input", noisy, psnr(noisy.unsqueeze(0), clean.unsqueeze(0)), None)]

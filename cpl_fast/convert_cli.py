@@ -47,8 +47,8 @@ def _model_section(args: argparse.Namespace, weights: Path, run_config: dict[str
     """The model section to build (None: load_model's own choice), from --model and --set model.*."""
     if args.model is None and not args.overrides:
         return None
-    from cpl_fast.eval.loading import checkpoint_model
-    from cpl_fast.train.config import parse_override, set_dotted
+    from cpl_fast.config import parse_override, set_dotted
+    from cpl_fast.runs.loading import checkpoint_model
 
     if args.model is not None:
         section = {"preset": args.model, "k": None, "n": None, "overrides": {}}
@@ -72,9 +72,11 @@ def _companions(loaded, no_ema: bool):
     A run's checkpoint folder holds both (``model.safetensors``, ``ema.safetensors``); a BasicSR file
     both (``params``, ``params_ema``); anything else one set of weights, taken as the trained ones.
     """
-    from cpl_fast.eval.loading import EMA_FILE, MODEL_FILE, load_model, model_from_config
     from cpl_fast.models import load_checkpoint
     from cpl_fast.models.checkpoint import read_checkpoint_file
+    from cpl_fast.models.registry import model_from_config
+    from cpl_fast.runs.layout import EMA_FILE, MODEL_FILE
+    from cpl_fast.runs.loading import load_model
 
     weights = loaded.weights
     if weights.name == EMA_FILE and (weights.parent / MODEL_FILE).is_file():
@@ -116,9 +118,9 @@ def _verify(path: Path, expected: dict[str, Any], model_config: dict[str, Any]) 
     the source's (keys left out on purpose, selection biases that select nothing, come back as zeros)."""
     import torch
 
-    from cpl_fast.eval.loading import model_from_config
     from cpl_fast.models import load_checkpoint
     from cpl_fast.models.checkpoint import read_checkpoint_file
+    from cpl_fast.models.registry import model_from_config
 
     raw = read_checkpoint_file(path)
     for entry, source in expected.items():
@@ -138,7 +140,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         from cpl_fast.data.io import check_writable_file
-        from cpl_fast.eval.loading import load_model, resolve_weights, routing_text
         from cpl_fast.models.convert import (
             basicsr_checkpoint,
             lightning_checkpoint,
@@ -146,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             refuse_existing,
             save_converted,
         )
+        from cpl_fast.runs.loading import load_model, resolve_weights, routing_text
 
         layout = output_format(args.output, args.to)
         refuse_existing(args.output, args.force)     # before the checkpoint is read

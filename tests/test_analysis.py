@@ -23,8 +23,8 @@ from cpl_fast.eval.analysis import (
     task_information,
 )
 from cpl_fast.eval.cli import analyze_main
-from cpl_fast.eval.health import eval_prompt_gap
-from cpl_fast.eval.metrics import psnr
+from cpl_fast.eval.prompt_gap import eval_prompt_gap
+from cpl_fast.metrics.image import psnr
 from cpl_fast.models import build_model, save_model_state
 
 TASKS = ("denoise_25", "derain", "dehaze")

@@ -176,7 +176,7 @@ def test_lightning_checkpoint_with_a_non_tensor_value_is_refused_by_name(tmp_pat
 def test_export_checks_opset_and_output_before_exporting(tmp_path, weights, capsys, monkeypatch, argv,
                                                          message):
     pytest.importorskip("onnx")
-    from cpl_fast.eval import loading
+    from cpl_fast.runs import loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded and exported first"))
     from cpl_fast.export.cli import main as export_main
@@ -313,7 +313,7 @@ def test_malformed_or_non_utf8_yaml_is_one_line_naming_the_file(tmp_path, capsys
 
 @pytest.mark.parametrize("where", ["under a file", "disk full"])
 def test_unwritable_run_folders_are_one_line(tmp_path, capsys, monkeypatch, where):
-    from cpl_fast.train import checkpointing
+    from cpl_fast.runs import checkpoints as checkpointing
 
     if where == "under a file":
         (tmp_path / "file").write_text("x")
@@ -352,7 +352,7 @@ def test_a_diverged_run_stops_with_one_line_and_saves_no_non_finite_checkpoint(t
     line = _one_error_line(capsys.readouterr().err, "cpl-train")
     assert code == 1
     assert ("not finite" in line) if what == "weights" else ("the loss is nan at step 2" in line)
-    from cpl_fast.train.checkpointing import latest_checkpoint
+    from cpl_fast.runs.checkpoints import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "run").name == "step_00000001"
 

@@ -15,8 +15,8 @@ import torch
 from tiny_runs import TINY_RUN, as_sets
 
 from cpl_fast.models import build_model
-from cpl_fast.train import checkpointing
-from cpl_fast.train.checkpointing import CheckpointError, latest_checkpoint, read_checkpoint, save_checkpoint
+from cpl_fast.runs import checkpoints as checkpointing
+from cpl_fast.runs.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint, save_checkpoint
 from cpl_fast.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def test_load_trainer_state_reads_numpy_rng_states_and_refuses_other_objects(tmp
 
     import numpy as np
 
-    from cpl_fast.train.checkpointing import UnsafeCheckpointError, load_trainer_state
+    from cpl_fast.runs.checkpoints import UnsafeCheckpointError, load_trainer_state
 
     state = {"numpy": np.random.get_state(), "python": random.getstate(), "t": torch.arange(3)}
     torch.save(state, tmp_path / "ok.pt")
@@ -215,7 +215,7 @@ def test_no_complete_checkpoint_is_one_error_line(run, capsys):
 
 def test_load_newest_checkpoint_skips_a_trainer_state_that_fails_to_read(run):
     """Damage that only reading finds (a valid archive holding the wrong thing): the older one is used."""
-    from cpl_fast.train.checkpointing import load_newest_checkpoint
+    from cpl_fast.runs.checkpoints import load_newest_checkpoint
     newest = run / "checkpoints" / "step_00000002"
     torch.save([1, 2, 3], newest / "list.pt")
     _rewrite(newest, "trainer_state.pt", (newest / "list.pt").read_bytes())
@@ -243,7 +243,7 @@ def test_restore_uses_the_newest_complete_checkpoint_of_a_run(run, tmp_path, cap
 
 
 def test_non_finite_weights_are_never_saved_as_a_checkpoint(tmp_path):
-    from cpl_fast.train.checkpointing import NonFiniteWeightsError
+    from cpl_fast.runs.checkpoints import NonFiniteWeightsError
     model = build_model("tiny")
     save_checkpoint(tmp_path, 1, model, _state(1), {})
     with torch.no_grad():

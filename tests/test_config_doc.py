@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cpl_fast.train.config import DEFAULTS, FREE_MAPPINGS
-from cpl_fast.train.config_doc import descriptions, main, render
+from cpl_fast.config import DEFAULTS, FREE_MAPPINGS
+from cpl_fast.config.doc import descriptions, main, render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,12 +21,12 @@ def _leaves(mapping, prefix=""):
 def test_every_setting_has_a_meaning():
     docs = descriptions()
     missing = [key for key in _leaves(DEFAULTS) if not docs.get(key)]
-    assert not missing, f"settings without a comment in DEFAULTS (cpl_fast/train/config.py): {missing}"
+    assert not missing, f"settings without a comment in DEFAULTS (cpl_fast/config/schema.py): {missing}"
 
 
 def test_config_md_is_current():
     text = (ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8")
-    assert text == render(), "docs/CONFIG.md is stale: python -m cpl_fast.train.config_doc docs/CONFIG.md"
+    assert text == render(), "docs/CONFIG.md is stale: python -m cpl_fast.config.doc docs/CONFIG.md"
     for key in _leaves(DEFAULTS):
         assert f"| `{key}` |" in text
 

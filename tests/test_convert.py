@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cpl_fast import convert_cli
+from cpl_fast.config import dump_yaml, load_config
 from cpl_fast.convert_cli import main
-from cpl_fast.eval.loading import load_model
 from cpl_fast.models import build_model, load_checkpoint
 from cpl_fast.models.checkpoint import UNUSED_OFFICIAL_KEYS
 from cpl_fast.models.convert import (
@@ -22,8 +22,8 @@ from cpl_fast.models.convert import (
     save_converted,
     unused_official_shapes,
 )
-from cpl_fast.train.checkpointing import save_checkpoint
-from cpl_fast.train.config import dump_yaml, load_config
+from cpl_fast.runs.checkpoints import save_checkpoint
+from cpl_fast.runs.loading import load_model
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "promptir_state_dict.txt"
 X = torch.rand(1, 3, 16, 24)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from cpl_fast.models import build_model
-from cpl_fast.train.checkpointing import latest_checkpoint
+from cpl_fast.runs.checkpoints import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ["precision=float64", "data.crop=32", "train.iterations=3", "checkpoint.every=100",

@@ -1,4 +1,4 @@
-"""Any-size / any-channel / tiled / mixed-precision inference (cpl_fast.eval.inference)."""
+"""Any-size / any-channel / tiled / mixed-precision inference (cpl_fast.inference.restoration)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpl_fast.eval import autocast, check_tiling, pad_to_multiple, restore_image, to_rgb
-from cpl_fast.eval.inference import AUTO_TILE, is_out_of_memory
+from cpl_fast.inference.restoration import AUTO_TILE, is_out_of_memory
 from cpl_fast.models import build_model
 
 

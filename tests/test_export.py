@@ -16,7 +16,6 @@ import sys
 import pytest
 import torch
 
-from cpl_fast.eval.inference import pad_to_multiple
 from cpl_fast.export import (
     EngineIO,
     InferenceGraph,
@@ -32,6 +31,7 @@ from cpl_fast.export import (
 )
 from cpl_fast.export.cli import main as cli_main
 from cpl_fast.export.trt import check_profile
+from cpl_fast.inference.restoration import pad_to_multiple
 from cpl_fast.models import build_model, save_model_state
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install cpl_fast[export])")

@@ -12,7 +12,7 @@ import torch
 from cpl_fast.atomic_files import atomic_write_bytes, umask_mode
 from cpl_fast.data.io import write_png
 from cpl_fast.models import build_model, save_model_state
-from cpl_fast.train.checkpointing import save_checkpoint
+from cpl_fast.runs.checkpoints import save_checkpoint
 
 
 @pytest.fixture(params=[0o022, 0o027])

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cpl_fast.eval.cli import eval_main
-from cpl_fast.eval.loading import load_model, model_from_config
 from cpl_fast.models import PRESETS, build_model, load_checkpoint, save_model_state
 from cpl_fast.models.infer import ArchitectureError, infer_architecture, model_section, resolved_preset
-from cpl_fast.models.registry import _TINY
+from cpl_fast.models.registry import _TINY, model_from_config
+from cpl_fast.runs.loading import load_model
 
 
 def _randomised(model: torch.nn.Module) -> torch.nn.Module:

@@ -7,7 +7,7 @@ import math
 import pytest
 from PIL import Image
 
-from cpl_fast.eval import analysis
+from cpl_fast import figures
 from cpl_fast.train.report import LOSS_PANELS, RunResult, loss_figure, psnr_figure, smooth, write_figures
 
 TASKS = ("dehaze", "denoise_25", "derain")
@@ -101,13 +101,13 @@ def test_psnr_axis_spans_the_data_with_the_inputs_beside_the_runs():
 
 def test_write_figures_uses_the_histogram_function_of_cpl_analyze(tmp_path, monkeypatch):
     calls = []
-    original = analysis.plot_selection_histograms
+    original = figures.plot_selection_histograms
 
     def spy(runs, path, title=""):
         calls.append(dict(runs))
         return original(runs, path, title)
 
-    monkeypatch.setattr(analysis, "plot_selection_histograms", spy)
+    monkeypatch.setattr(figures, "plot_selection_histograms", spy)
     paths = write_figures(_runs(), tmp_path, inputs={t: {"psnr": 20.0} for t in TASKS})
     assert [p.name for p in paths] == ["loss_curves.png", "psnr_per_task.png", "selection_histograms.png"]
     for path in paths:
@@ -126,9 +126,9 @@ def test_write_figures_uses_the_histogram_function_of_cpl_analyze(tmp_path, monk
 
 def test_selection_histogram_shares(tmp_path):
     fig_path = tmp_path / "h.png"
-    analysis.plot_selection_histograms({"a": {"t": _levels(False, (3.0, 1.0, 0.0))},
+    figures.plot_selection_histograms({"a": {"t": _levels(False, (3.0, 1.0, 0.0))},
                                         "b": {"t": _levels(True)}}, fig_path, title="x")
     assert fig_path.is_file()
-    assert list(analysis._selection_shares(_levels(False)[0])) == [0.75, 0.25, 0.0]
-    assert list(analysis._selection_shares(_levels(True)[0])) == [0.5, 0.3, 0.2]
-    assert math.isclose(sum(analysis._selection_shares(_levels(False, (1.0, 1.0, 2.0))[0])), 1.0)
+    assert list(figures._selection_shares(_levels(False)[0])) == [0.75, 0.25, 0.0]
+    assert list(figures._selection_shares(_levels(True)[0])) == [0.5, 0.3, 0.2]
+    assert math.isclose(sum(figures._selection_shares(_levels(False, (1.0, 1.0, 2.0))[0])), 1.0)

@@ -9,9 +9,9 @@ from PIL import Image
 from cpl_fast.data import read_image
 from cpl_fast.eval import restore_image
 from cpl_fast.eval.cli import restore_main
-from cpl_fast.eval.loading import load_model, resolve_weights
 from cpl_fast.eval.restore import collect_inputs, restore_files
 from cpl_fast.models import build_model, save_model_state
+from cpl_fast.runs.loading import load_model, resolve_weights
 
 
 def _write(path, array):

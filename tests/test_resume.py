@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cpl_fast.train.checkpointing import latest_checkpoint
+from cpl_fast.runs.checkpoints import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL = 12

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from cpl_fast.eval.health import collapse_warnings, prompt_gap_db, routing_health, task_expert_information
+from cpl_fast.config import ConfigError, apply_overrides, load_config
+from cpl_fast.metrics.routing import collapse_warnings, prompt_gap_db, routing_health, task_expert_information
 from cpl_fast.models import Routing, build_model
 from cpl_fast.models.spm import SparsePromptModule
-from cpl_fast.train.config import ConfigError, apply_overrides, load_config
 from cpl_fast.train.health import TrainingHealth
 from cpl_fast.train.router_balance import load_balancing_loss, update_route_bias
 from cpl_fast.train.trainer import Trainer

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpl_fast.losses.negatives import NEGATIVE_SAMPLERS, MismatchedExperts, OtherTask, build_negative_sampler
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.samplers import SAMPLERS, MismatchedExperts, OtherTask, build_sampler
 
 
 def make_routings(batch: int, n: int, k: int, levels: int, seed: int = 0, requires_grad: bool = False,
@@ -174,8 +174,8 @@ def test_other_task_clear_errors():
 
 
 def test_build_sampler():
-    assert set(SAMPLERS) == {"mismatched_experts", "other_task"}
-    assert isinstance(build_sampler("mismatched_experts", num_prompts=5), MismatchedExperts)
-    assert isinstance(build_sampler("other_task", num_tasks=3, memory_size=4), OtherTask)
+    assert set(NEGATIVE_SAMPLERS) == {"mismatched_experts", "other_task"}
+    assert isinstance(build_negative_sampler("mismatched_experts", num_prompts=5), MismatchedExperts)
+    assert isinstance(build_negative_sampler("other_task", num_tasks=3, memory_size=4), OtherTask)
     with pytest.raises(ValueError, match="unknown negative sampler 'random'"):
-        build_sampler("random")
+        build_negative_sampler("random")

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cpl_fast.eval import entropy_bits, pad_to_multiple, psnr, ssim
-from cpl_fast.train.config import (
+from cpl_fast.config import (
     DEFAULTS,
     PRESET_NAMES,
     RECIPES,
@@ -23,6 +22,7 @@ from cpl_fast.train.config import (
     read_yaml,
     set_dotted,
 )
+from cpl_fast.eval import entropy_bits, pad_to_multiple, psnr, ssim
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.schedule import WarmupCosine, build_scheduler, warmup_iterations
 

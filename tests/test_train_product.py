@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cpl_fast.config import load_config
 from cpl_fast.data import EMBEDDED_TASKS
 from cpl_fast.train.cli import main
-from cpl_fast.train.config import load_config
 from cpl_fast.train.schedule import WarmupCosine, warmup_iterations
 from tests.tiny_runs import TINY_RUN, as_sets
 
@@ -153,7 +153,7 @@ def test_run_folders_from_before_a_setting_existed_still_resume(tmp_path, capsys
     del config["eval"]["every"], config["checkpoint"]["keep_best"]
     (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     assert main(["--resume", str(run), "--set", "train.iterations=3"]) == 0
-    from cpl_fast.eval.loading import load_model
+    from cpl_fast.runs.loading import load_model
 
     assert load_model(run).model is not None
 

@@ -8,14 +8,15 @@ import numpy as np
 import pytest
 import torch
 
+from cpl_fast.config import ConfigError, load_config
 from cpl_fast.data import EvalDataset, LayoutError, TrainDataset, embedded_pairs, write_png
+from cpl_fast.data.sources import DataSourceError, data_sources
 from cpl_fast.eval import entropy_bits, evaluate
 from cpl_fast.models import build_model
-from cpl_fast.train import checkpointing
-from cpl_fast.train.checkpointing import CheckpointError, latest_checkpoint, read_checkpoint
+from cpl_fast.runs import checkpoints as checkpointing
+from cpl_fast.runs.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
 from cpl_fast.train.cli import main
-from cpl_fast.train.config import ConfigError, load_config
-from cpl_fast.train.trainer import STEPS, Trainer, build_sources, l1_step, resolve_objective
+from cpl_fast.train.trainer import STEPS, Trainer, l1_step, resolve_objective
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -159,27 +160,27 @@ def test_clean_layout_degrades_every_image_with_every_task(tmp_path):
     _write_images(tmp_path / "test", ["c"], seed=1)
     data = load_config("seven_task", data_root=str(tmp_path / "clean"),
                        overrides=["data.tasks=[noise, blur]", f"data.test_root={tmp_path / 'test'}"])["data"]
-    train, test = build_sources(data)
+    train, test = data_sources(data)
     expected = [("blur", "a"), ("blur", "b"), ("noise", "a"), ("noise", "b")]
     assert sorted(zip(train.tasks, train.names)) == expected
     assert list(test.tasks) == ["noise", "blur"] and len(test) == 2
     item = TrainDataset(train, patch_size=16)[0]
     assert item["input"].shape == (3, 16, 16) and not torch.equal(item["input"], item["target"])
-    with pytest.raises(ConfigError, match="unknown degradations"):
-        build_sources({**data, "tasks": ["snowfall"]})
-    with pytest.raises(ConfigError, match="does not exist"):
-        build_sources({**data, "root": str(tmp_path / "none")})
+    with pytest.raises(DataSourceError, match="unknown degradations"):
+        data_sources({**data, "tasks": ["snowfall"]})
+    with pytest.raises(DataSourceError, match="does not exist"):
+        data_sources({**data, "root": str(tmp_path / "none")})
 
 
 def test_paired_layout_and_layout_errors(tmp_path):
     for side in ("input", "target"):
         _write_images(tmp_path / "pairs" / side / "derain", ["x", "y"])
     data = load_config("demo", overrides=["data.layout=paired", f"data.root={tmp_path / 'pairs'}"])["data"]
-    train, test = build_sources(data)
+    train, test = data_sources(data)
     assert list(train.tasks) == ["derain", "derain"] and test is None
     (tmp_path / "bad" / "input").mkdir(parents=True)
     with pytest.raises(LayoutError, match="missing folder target"):
-        build_sources({**data, "root": str(tmp_path / "bad")})
+        data_sources({**data, "root": str(tmp_path / "bad")})
 
 
 def test_l1_step_is_the_mean_absolute_error():

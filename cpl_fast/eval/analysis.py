@@ -20,7 +20,7 @@ prompts. ``collect_routing`` is that pass with the routing record only. From the
   (grouped by task), one row per expert, the colour the expert's gate weight (0 when unselected);
 * ``prompt_gap`` (in ``analyze``'s JSON, sparse routing only): per task, the PSNR with the image's own
   prompts, the mean PSNR with every selected expert shifted to each other one, and their gap (dB) --
-  the numbers of ``cpl_fast.eval.health.eval_prompt_gap``, from the shared pass;
+  the numbers of ``cpl_fast.eval.prompt_gap.eval_prompt_gap``, from the shared pass;
 * ``residuals`` / ``plot_residuals``: Fig. 5 -- for one image per task (``residual_picks``: spread over
   the set, a different scene per task where the names allow), the residual ``|restored - target|``
   (restoration clipped to [0, 1], mean over channels) when decoded with its own (matched) routing, with
@@ -43,11 +43,11 @@ import torch
 from torch import nn
 
 from cpl_fast.data.io import atomic_write_bytes
-from cpl_fast.eval.health import _batch_psnr
-from cpl_fast.eval.inference import autocast, is_out_of_memory, model_multiple, pad_to_multiple, to_rgb
-from cpl_fast.eval.metrics import psnr
-from cpl_fast.eval.protocols import Protocol, get_protocol
 from cpl_fast.eval.scoring import level_statistics
+from cpl_fast.figures import plot_selection_histograms, pyplot
+from cpl_fast.inference.restoration import autocast, is_out_of_memory, model_multiple, pad_to_multiple, to_rgb
+from cpl_fast.metrics.image import batch_psnr, psnr
+from cpl_fast.metrics.protocols import Protocol, get_protocol
 from cpl_fast.models import Routing
 from cpl_fast.models.protocol import EncodeDecodeModel, map_state
 
@@ -172,7 +172,7 @@ def _seam(model: nn.Module) -> tuple[Callable, Callable]:
 
 
 def _gap_summary(positive: list[float], negative: list[float]) -> dict[str, float]:
-    # The summary of cpl_fast.eval.health.eval_prompt_gap (a test holds the two equal).
+    # The summary of cpl_fast.eval.prompt_gap.eval_prompt_gap (a test holds the two equal).
     pos = sum(positive) / len(positive)
     neg = sum(negative) / len(negative) if negative else math.nan
     return {"psnr_positive": pos, "psnr_negative": neg, "gap_db": pos - neg}
@@ -243,13 +243,13 @@ def run_analysis(model: nn.Module, dataset: Any, max_images: int | None = None, 
         shifted = []
         if gap["wanted"]:
             targets = torch.stack([target for _, _, target in batch])
-            positive = _batch_psnr(own, targets)
+            positive = batch_psnr(own, targets)
             # CPR's mismatched_experts negatives: every selected expert moved by s, all levels at once.
             for s in range(1, n):
                 with autocast(device, "auto"):
                     out = decode(state, [Routing((r.indices + s) % n, r.weights) for r in used])
                 shifted.append(restored(out, h, w))
-            negatives = torch.stack([_batch_psnr(image, targets) for image in shifted], dim=1)
+            negatives = torch.stack([batch_psnr(image, targets) for image in shifted], dim=1)
         for row, (index, image, target) in enumerate(batch):
             routing[index] = [Routing(r.indices[row:row + 1].cpu(), r.weights[row:row + 1].float().cpu(),
                                       r.probs[row:row + 1].double().cpu()) for r in used]
@@ -399,19 +399,10 @@ def task_information(record: RoutingRecord, table: Mapping[str, Sequence[Mapping
     return out
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_entropy(table: Mapping[str, Sequence[Mapping[str, Any]]], num_prompts: int, path: Path,
                  title: str = "") -> Path:
     """Bars of selection and mean softmax entropy per task and level (Fig. 4's measure)."""
-    plt = _plt()
+    plt = pyplot()
     tasks = list(table)
     levels = len(next(iter(table.values())))
     uniform = math.log2(num_prompts)
@@ -438,63 +429,9 @@ def plot_entropy(table: Mapping[str, Sequence[Mapping[str, Any]]], num_prompts: 
     return path
 
 
-def _selection_shares(level: Mapping[str, Any]) -> np.ndarray:
-    """A level's average selection distribution: normalised counts, or the mean softmax when dense."""
-    values = np.asarray(level["mean_probs"] if level["dense"] else level["counts"], dtype=float)
-    return values / values.sum() if values.sum() > 0 else values
-
-
-def plot_selection_histograms(runs: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], path: Path,
-                              title: str = "") -> Path:
-    """Selection frequency of every expert: one row per run and level, one column per task.
-
-    ``runs[name][task]`` is the list of a task's per-level statistics (``level_statistics``: ``dense``,
-    ``counts``, ``mean_probs``), as ``entropy_table`` and the training report's scores hold them; the
-    dashed line is the uniform share ``1/n``. Used by ``cpl-analyze`` (one run) and the report.
-    """
-    plt = _plt()
-    tasks = list(dict.fromkeys(task for table in runs.values() for task in table))
-    rows = [(name, lv) for name, table in runs.items() for lv in range(len(next(iter(table.values()))))]
-    fig, axes = plt.subplots(len(rows), len(tasks), figsize=(1.2 + 2.1 * len(tasks), 0.9 + 1.6 * len(rows)),
-                             sharey=True, squeeze=False)
-    dense_kinds = set()
-    for r, (name, lv) in enumerate(rows):
-        for c, task in enumerate(tasks):
-            ax = axes[r][c]
-            levels = runs[name].get(task)
-            if levels is None or lv >= len(levels):
-                ax.text(0.5, 0.5, "not scored", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-                ax.set_xticks([])
-            else:
-                dense_kinds.add(bool(levels[lv]["dense"]))
-                values = _selection_shares(levels[lv])
-                ax.bar(range(len(values)), values, color=f"C{lv}")
-                ax.axhline(1 / len(values), color="k", ls="--", lw=0.8, alpha=0.6)
-                ax.set_xticks(range(len(values)))
-                ax.tick_params(labelsize=7)
-            ax.set_ylim(0, 1)
-            ax.set_yticks([0, 0.5, 1])
-            if r == 0:
-                ax.set_title(task, fontsize=9)
-            if c == 0:
-                kind = "\n(mean softmax)" if levels is not None and levels[lv]["dense"] else ""
-                label = f"level {lv}" if len(runs) == 1 else f"{name}\nlevel {lv}{kind}"
-                ax.set_ylabel(label, fontsize=8)
-            if r == len(rows) - 1:
-                ax.set_xlabel("expert", fontsize=8)
-    what = {frozenset({False}): "share of selections per expert",
-            frozenset({True}): "mean router softmax per expert"}.get(
-        frozenset(dense_kinds), "share of selections per expert (dense runs: mean router softmax)")
-    fig.suptitle(f"{title}: {what}" if title else what, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def plot_selection_map(record: RoutingRecord, path: Path, title: str = "") -> Path:
     """Fig. 11: per level, experts (rows) x images grouped by task (columns), coloured by gate weight."""
-    plt = _plt()
+    plt = pyplot()
     order = [i for task in record.task_order() for i in record.rows(task).tolist()]
     fig, axes = plt.subplots(record.num_levels, 1, figsize=(max(8, 0.09 * len(order) + 2),
                                                             1.3 * record.num_levels + 1.2), squeeze=False)
@@ -529,7 +466,7 @@ def plot_selection_map(record: RoutingRecord, path: Path, title: str = "") -> Pa
 
 def plot_residuals(maps: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> Path:
     """Rows: tasks; columns: input, target, then residuals with each task's routing (matched first)."""
-    plt = _plt()
+    plt = pyplot()
     columns = 2 + len(maps[0]["variants"])
     # Constrained layout: the title sits just above the first row (not an inch of white above it).
     fig, axes = plt.subplots(len(maps), columns, figsize=(2.1 * columns, 2.3 * len(maps)), squeeze=False,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cpl_fast.data.io import check_writable_file
-from cpl_fast.eval.inference_options import AMP_MODES, DEFAULT_OVERLAP
+from cpl_fast.inference.options import AMP_MODES, DEFAULT_OVERLAP
 
 if TYPE_CHECKING:  # imported where used: --help must not wait for torch
     import torch
@@ -83,7 +83,7 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    from cpl_fast.train.config import PRESET_NAMES
+    from cpl_fast.config import PRESET_NAMES
 
     parser.add_argument("--preset", choices=PRESET_NAMES, help="the benchmark (data layout, model, protocol)")
     parser.add_argument("--config", action="append", default=[], metavar="FILE",
@@ -125,7 +125,7 @@ def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_da
     A --preset / --config names a benchmark; its model section does not replace what a checkpoint
     says about its own model: the checkpoint's wins, with a note when the two differ.
     """
-    from cpl_fast.train.config import DEFAULTS, load_config, parse_override, set_dotted, validate
+    from cpl_fast.config import DEFAULTS, load_config, parse_override, set_dotted, validate
 
     notes: list[str] = []
     explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
@@ -147,7 +147,7 @@ def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_da
         config["model"] = {"preset": args.model, "k": None, "n": None, "overrides": {}}
     from_weights = args.model is None and run_config is None and weights_model is not None
     if from_weights and explicit:
-        from cpl_fast.eval.loading import preset_model_note
+        from cpl_fast.runs.loading import preset_model_note
 
         where = f"--preset {args.preset}" if getattr(args, "preset", None) else "--config"
         note = preset_model_note(where, config["model"], weights_model)
@@ -177,7 +177,7 @@ def _model_section(args: argparse.Namespace, config: dict[str, Any], run_config:
 
 
 def _load(args: argparse.Namespace, ckpt: str, device: torch.device, need_data: bool):
-    from cpl_fast.eval.loading import checkpoint_model, load_model, resolve_weights
+    from cpl_fast.runs.loading import checkpoint_model, load_model, resolve_weights
 
     weights, run_config = resolve_weights(ckpt)
     explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
@@ -207,29 +207,20 @@ def _names(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def test_dataset(config: dict[str, Any]):
+def evaluation_set(config: dict[str, Any]):
     """The evaluation set of a config's data section (only the test split is read)."""
-    from cpl_fast.data import EvalDataset, FilePairs, build_task_ids, embedded_pairs
+    from cpl_fast.data import EvalDataset, build_task_ids
+    from cpl_fast.data.sources import evaluation_pairs
 
-    data = config["data"]
-    layout = data["layout"]
-    if layout == "embedded":
-        source = embedded_pairs("test")
-    else:
-        root = data["test_root"] or data["root"]
-        if root is None:
-            raise UsageError(f"data layout {layout!r} needs a data root: --data ROOT")
-        if not Path(root).exists():
-            raise FileNotFoundError(f"data root {root} does not exist")
-        if layout == "clean":
-            raise UsageError("layout 'clean' has no fixed test split; evaluate a 'paired' folder instead")
-        split = None if layout in ("weatherbench", "paired") else (data["test_split"] or "test")
-        source = FilePairs.from_layout(layout, str(root), split)
+    source = evaluation_pairs(config["data"], root_is_test=True)
+    if source is None:
+        raise UsageError("layout 'clean' has test images only with data.test_root (--set data.test_root=DIR), "
+                         "or evaluate a 'paired' folder")
     return EvalDataset(source, seed=config["seed"], task_ids=build_task_ids(source.tasks))
 
 
 def _default_protocol(args: argparse.Namespace, config: dict[str, Any]) -> str:
-    from cpl_fast.eval.protocols import DEFAULT_PROTOCOLS
+    from cpl_fast.metrics.protocols import DEFAULT_PROTOCOLS
 
     if args.protocol is not None:
         return args.protocol
@@ -246,9 +237,9 @@ def _entropy_line(task: str, levels: Sequence[dict[str, Any]]) -> str:
 def _errors() -> tuple[type[BaseException], ...]:
     import yaml
 
+    from cpl_fast.config import ConfigError
     from cpl_fast.data import ImageReadError, LayoutError
-    from cpl_fast.train.checkpointing import CheckpointError
-    from cpl_fast.train.config import ConfigError
+    from cpl_fast.runs.checkpoints import CheckpointError
 
     return (UsageError, ConfigError, CheckpointError, LayoutError, ImageReadError, FileNotFoundError,
             ValueError, MemoryError, yaml.YAMLError, OSError)
@@ -279,7 +270,7 @@ def _write_output(path: str, data: bytes, prog: str) -> int:
 # -------------------------------------------------------------------------------------- cpl-eval
 
 def _eval_parser() -> argparse.ArgumentParser:
-    from cpl_fast.eval.protocols import PROTOCOLS
+    from cpl_fast.metrics.protocols import PROTOCOLS
 
     parser = argparse.ArgumentParser(
         prog="cpl-eval", description="Per-task PSNR / SSIM of restoration checkpoints under a named metric "
@@ -301,7 +292,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 def comparison_table(results: dict[str, dict[str, Any]], protocol_label: str) -> str:
     """Markdown in the shape of the paper's tables: one row per model, PSNR/SSIM per task, average."""
-    from cpl_fast.eval.scoring import average
+    from cpl_fast.metrics.protocols import average
 
     tasks = list(next(iter(results.values()))["scores"])
     head = "| model | " + " | ".join(tasks) + " | average | protocol |"
@@ -337,8 +328,8 @@ def entropy_markdown(results: dict[str, dict[str, Any]]) -> str:
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-eval``; returns the exit status."""
     args = _eval_parser().parse_args(argv)
-    from cpl_fast.eval.protocols import get_protocol
     from cpl_fast.eval.scoring import evaluate, scores_table
+    from cpl_fast.metrics.protocols import get_protocol
 
     try:
         if args.max_images is not None and args.max_images < 1:
@@ -354,7 +345,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             if protocol is None:
                 protocol = get_protocol(_default_protocol(args, config), args.crop_border)
                 print(protocol.description)
-            dataset = test_dataset(config)
+            dataset = evaluation_set(config)
             for note in loaded.notes:
                 print(f"note: {note}")
             print(f"== {name}: {loaded.description}; {len(dataset)} test images")
@@ -439,7 +430,7 @@ def restore_main(argv: Sequence[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------- cpl-analyze
 
 def _analyze_parser() -> argparse.ArgumentParser:
-    from cpl_fast.eval.protocols import PROTOCOLS
+    from cpl_fast.metrics.protocols import PROTOCOLS
 
     parser = argparse.ArgumentParser(
         prog="cpl-analyze", description="Prompt-selection analysis: entropy per task and level (Fig. 4), "
@@ -480,7 +471,7 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
         device = _device(args.device)
         for name, ckpt in zip(_names(args), args.ckpt, strict=True):
             loaded, config = _load(args, ckpt, device, need_data=True)
-            dataset = test_dataset(config)
+            dataset = evaluation_set(config)
             print(f"== {name}: {loaded.description}")
             for note in loaded.notes:
                 print(f"note: {note}")

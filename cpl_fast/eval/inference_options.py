@@ -1,4 +1,4 @@
-"""The choices of ``restore_image`` that the commands' parsers offer, without importing torch."""
-AMP_MODES = ("auto", "none", "bf16", "fp16")
-AUTO_TILE = 512
-DEFAULT_OVERLAP = 32
+"""Moved to :mod:`cpl_fast.inference.options`; this name is kept for one release."""
+from cpl_fast._deprecated import moved
+
+moved(__name__, __spec__.name)

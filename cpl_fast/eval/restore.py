@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from cpl_fast.data.io import ImageReadError, error_text, is_image_file, read_image, write_png
-from cpl_fast.eval.inference import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
+from cpl_fast.inference.restoration import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
 
 
 @dataclass

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from cpl_fast.eval.inference import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
-from cpl_fast.eval.metrics import entropy_bits
-from cpl_fast.eval.protocols import Protocol, get_protocol
+from cpl_fast.inference.restoration import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
+from cpl_fast.metrics.image import entropy_bits
+from cpl_fast.metrics.protocols import Protocol, average, get_protocol
 
 
 @torch.no_grad()
@@ -104,14 +104,6 @@ def summarise(task: Mapping[str, Any], protocol: str) -> dict[str, Any]:
               for level in task["levels"]]
     return {"images": len(task["psnr"]), "psnr": float(np.mean(task["psnr"])),
             "ssim": float(np.mean(task["ssim"])), "protocol": protocol, "levels": levels}
-
-
-def average(scores: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The unweighted mean over tasks of PSNR and SSIM (the papers' ``avg`` column)."""
-    if not scores:
-        raise ValueError("no tasks to average")
-    return {"psnr": float(np.mean([s["psnr"] for s in scores.values()])),
-            "ssim": float(np.mean([s["ssim"] for s in scores.values()]))}
 
 
 def scores_table(scores: Mapping[str, Mapping[str, Any]], protocol: Protocol,

@@ -86,8 +86,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export_onnx(args: argparse.Namespace) -> None:
-    from cpl_fast.eval.loading import load_model
     from cpl_fast.export.onnx_export import check_opset, export_onnx
+    from cpl_fast.runs.loading import load_model
 
     if args.dynamic and args.width is not None:
         raise ValueError("--width goes with --height (a fixed size), not with --dynamic")

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from cpl_fast.eval.inference import pad_to_multiple
 from cpl_fast.export._deps import require
 from cpl_fast.export.graph import LEVEL_NAMES
 from cpl_fast.export.onnx_export import INPUT_NAME, read_metadata
 from cpl_fast.export.trt import Profile, TensorInfo, import_tensorrt, logger, read_build
+from cpl_fast.inference.restoration import pad_to_multiple
 from cpl_fast.models.spm import Routing
 
 OUTPUT_NAME = "restored"

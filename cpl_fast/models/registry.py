@@ -70,3 +70,40 @@ def build_model(name_or_config: str | Mapping[str, Any], **overrides: Any) -> nn
     # YAML gives lists; the constructors take tuples.
     kwargs = {key: tuple(value) if isinstance(value, list) else value for key, value in config.items()}
     return MODELS[model_type](**kwargs)
+
+
+# A run config's ``model`` section names the routing as ``k`` (None: the preset's; "all": dense) and
+# the number of prompt experts as ``n`` (None: the preset's). This is the one place they become the
+# constructors' ``top_k`` and ``num_prompts``.
+_DEFAULT_TOP_K = 1
+_DEFAULT_NUM_PROMPTS = 5
+
+
+def section_routing(section: Mapping[str, Any]) -> tuple[int | None, int]:
+    """``(top_k, num_prompts)`` a config ``model`` section builds (top_k None: dense).
+
+    ValueError naming the preset when it is unknown.
+    """
+    preset = section.get("preset")
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset {preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
+    settings = PRESETS[preset]
+    k = section.get("k")
+    top_k = None if k == "all" else (settings.get("top_k", _DEFAULT_TOP_K) if k is None else k)
+    n = section.get("n")
+    return top_k, settings.get("num_prompts", _DEFAULT_NUM_PROMPTS) if n is None else n
+
+
+def section_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of ``build_model(section["preset"], ...)`` for a config ``model`` section."""
+    kwargs = dict(section.get("overrides") or {})
+    if section.get("k") is not None:
+        kwargs["top_k"] = None if section["k"] == "all" else section["k"]
+    if section.get("n") is not None:
+        kwargs["num_prompts"] = section["n"]
+    return kwargs
+
+
+def model_from_config(section: Mapping[str, Any]) -> nn.Module:
+    """Build the model of a config's ``model`` section (``preset``, ``k``, ``n``, ``overrides``)."""
+    return build_model(section["preset"], **section_kwargs(section))

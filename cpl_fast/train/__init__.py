@@ -6,10 +6,9 @@ _MODULES = {
     "cpl_fast.train.fast_step": ("fast_cpl_step",),
     "cpl_fast.train.literal_step": ("literal_cpl_step",),
     "cpl_fast.train.loop_step": ("loop_cpl_step",),
-    "cpl_fast.train.samplers": ("SAMPLERS", "MismatchedExperts", "NegativeSampler", "OtherTask",
-        "build_sampler"),
+    "cpl_fast.losses.negatives": ("MismatchedExperts", "NegativeSampler", "OtherTask"),
     "cpl_fast.train.step_output": ("CPLStepOutput",),
-    "cpl_fast.train.config": ("ConfigError", "load_config"),
+    "cpl_fast.config": ("ConfigError", "load_config"),
     "cpl_fast.train.trainer": ("STEPS", "Trainer", "l1_step", "resolve_objective"),
 }
 __all__, __getattr__, __dir__ = lazy_exports(globals(), _MODULES)

@@ -12,7 +12,7 @@ A run folder (default ``runs/<name>-<timestamp>``, a new folder for every run) h
 ``tensorboard/``, ``result.json`` (scores, history) and, when ``report.enabled``, ``report.md`` with its
 figures. Each entry of ``baselines`` is trained the same way in a sub-folder of
 the run. A run locks its folder for as long as it runs, and a fresh run refuses a folder that already
-holds one unless ``--overwrite`` (see ``cpl_fast.train.run_folder``).
+holds one unless ``--overwrite`` (see ``cpl_fast.runs.folder``).
 
 Exit status: 0 OK; 2 bad arguments, configuration, data, checkpoint or run folder (nothing trained);
 1 the run stopped while training (the loss or the weights became non-finite, an image could not be
@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only what the argument parser needs is imported here: ``--help`` must not wait for torch.
-from cpl_fast.train.config import PRESET_NAMES
-from cpl_fast.train.run_folder import RunFolderError
+from cpl_fast.config import PRESET_NAMES
+from cpl_fast.runs.folder import RunFolderError
 
 if TYPE_CHECKING:
     from cpl_fast.train.report import RunResult
@@ -64,13 +64,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _has_checkpoint(folder: Path) -> bool:
     """Whether a run folder has a checkpoint to resume (``latest``, or a step folder to fall back to)."""
-    from cpl_fast.train.checkpointing import CHECKPOINT_DIR, LATEST, checkpoint_folders
+    from cpl_fast.runs.checkpoints import CHECKPOINT_DIR, LATEST, checkpoint_folders
 
     return (folder / CHECKPOINT_DIR / LATEST).is_file() or bool(checkpoint_folders(folder))
 
 
 def _newest_run(config: Mapping[str, Any]) -> Path:
-    from cpl_fast.train.checkpointing import CHECKPOINT_DIR, LATEST, CheckpointError
+    from cpl_fast.runs.checkpoints import CHECKPOINT_DIR, LATEST, CheckpointError
 
     root = Path(config["run"]["root"])
     runs = (p for p in root.glob(f"{config['name']}-*") if (p / CHECKPOINT_DIR / LATEST).is_file())
@@ -82,7 +82,7 @@ def _newest_run(config: Mapping[str, Any]) -> Path:
 
 def _check_names(config: Mapping[str, Any]) -> None:
     """The run's name and its baselines' are folder names: no path may leave ``run.root`` or the run."""
-    from cpl_fast.train.run_folder import check_folder_name
+    from cpl_fast.runs.folder import check_folder_name
 
     check_folder_name(config["name"], "name")
     for name in config["baselines"]:
@@ -91,9 +91,9 @@ def _check_names(config: Mapping[str, Any]) -> None:
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, bool]:
     """The config, the run folder (None: a new one under ``run.root``) and whether to resume."""
-    from cpl_fast.train.checkpointing import CheckpointError
-    from cpl_fast.train.config import load_config, parse_override, read_run_config, set_dotted, validate
-    from cpl_fast.train.run_folder import RunLock
+    from cpl_fast.config import load_config, parse_override, read_run_config, set_dotted, validate
+    from cpl_fast.runs.checkpoints import CheckpointError
+    from cpl_fast.runs.folder import RunLock
 
     if args.resume is not None:
         if args.overwrite:
@@ -130,11 +130,11 @@ class _Claim:
     """A run folder this process holds: its lock, and the folders it created (removed if the start fails)."""
 
     folder: Path
-    lock: Any  # cpl_fast.train.run_folder.RunLock
+    lock: Any  # cpl_fast.runs.folder.RunLock
     created: list[Path] = field(default_factory=list)
 
     def release(self, failed: bool) -> None:
-        from cpl_fast.train.run_folder import remove_if_unused
+        from cpl_fast.runs.folder import remove_if_unused
 
         self.lock.release()
         if failed:
@@ -159,7 +159,7 @@ def _missing(path: Path) -> list[Path]:
 
 def _claim(config: Mapping[str, Any], run_dir: Path | None, resume: bool, overwrite: bool) -> _Claim:
     """Create (exclusively) or open the run folder and lock it; refuse a fresh run on an existing one."""
-    from cpl_fast.train.run_folder import RunLock, clear_run, create_unique_folder, holds_run
+    from cpl_fast.runs.folder import RunLock, clear_run, create_unique_folder, holds_run
 
     if run_dir is None:
         root = Path(config["run"]["root"])
@@ -209,8 +209,8 @@ def _validation(config: Mapping[str, Any], trainer: Any) -> Any:
     import torch
     from torch.utils.data import Subset
 
-    from cpl_fast.eval.inference import restore_image
     from cpl_fast.eval.scoring import evaluate
+    from cpl_fast.inference.restoration import restore_image
 
     full = trainer.eval_set
     tasks = list(full.source.tasks)
@@ -263,8 +263,8 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
     import torch.distributed as dist
 
     from cpl_fast.atomic_files import atomic_write_bytes
+    from cpl_fast.config import dump_yaml, model_k_n
     from cpl_fast.eval import evaluate
-    from cpl_fast.train.config import dump_yaml, model_k_n
     from cpl_fast.train.memory_budget import check_step_memory
     from cpl_fast.train.report import RunResult
     from cpl_fast.train.trainer import Trainer
@@ -323,7 +323,7 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
 
 def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> list[Any]:
     """The main run and its baselines, then the report (rank 0); the runs' ``RunResult``."""
-    from cpl_fast.train.config import apply_overrides, flat_dotted
+    from cpl_fast.config import apply_overrides, flat_dotted
     from cpl_fast.train.report import write_report
 
     runs = [(config, run_dir)]
@@ -351,9 +351,9 @@ def _errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException
     permissions and unreadable images; FloatingPointError a diverged run)."""
     import yaml
 
+    from cpl_fast.config import ConfigError
     from cpl_fast.data.layouts import LayoutError
-    from cpl_fast.train.checkpointing import CheckpointError
-    from cpl_fast.train.config import ConfigError
+    from cpl_fast.runs.checkpoints import CheckpointError
     from cpl_fast.train.memory_budget import MemoryBudgetError
     from cpl_fast.train.run_log import MissingLoggerError
 
@@ -384,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_metric_backends(config)  # before anything of the run is created
         import torch.distributed as dist
 
-        from cpl_fast.train.config import cuda_requested
+        from cpl_fast.config import cuda_requested
         from cpl_fast.train.trainer import init_distributed
 
         info = init_distributed(cuda_requested(config))
@@ -407,7 +407,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cpl-train: error: {error_text(exc)}", file=sys.stderr)
         return 2
     except run_errors as exc:
-        from cpl_fast.train.checkpointing import NonFiniteWeightsError
+        from cpl_fast.runs.checkpoints import NonFiniteWeightsError
 
         text = error_text(exc)
         if isinstance(exc, FloatingPointError) and not isinstance(exc, NonFiniteWeightsError):

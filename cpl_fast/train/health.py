@@ -1,5 +1,5 @@
 """Training-health bookkeeping of the trainer: routing statistics over a window, the CPR/L1 gradient
-ratio, and collapse warnings (the statistics themselves are in ``cpl_fast.eval.health``).
+ratio, and collapse warnings (the statistics themselves are in ``cpl_fast.metrics.routing``).
 
 Every ``train.log_every`` steps the window of selections (all levels, with the batch's task ids) is
 summarised into ``usage_entropy_l{level}`` and ``task_info_l{level}`` (bits) for the logs. Every
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cpl_fast.eval.health import collapse_warnings, routing_health
+from cpl_fast.metrics.routing import collapse_warnings, routing_health
 
 # Below this many windows of data, a warning is premature: routers start collapsed and may recover.
 WARN_AFTER_STEPS = 20

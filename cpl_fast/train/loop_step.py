@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from cpl_fast.losses.cpr import CPRLoss
+from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
 from cpl_fast.train.negative_grad import check_mode, negative_pass
-from cpl_fast.train.samplers import NegativeSampler
 from cpl_fast.train.step_inputs import check_neg_weights, check_negatives, unpack_batch
 from cpl_fast.train.step_output import CPLStepOutput
 

@@ -204,9 +204,9 @@ def _curve(run: RunResult, key: str) -> tuple[list[float], list[float]]:
 def loss_figure(runs: Sequence[RunResult]):
     """One panel per loss term some run recorded (``LOSS_PANELS``): raw per-step values faint, the
     ``smooth`` trend solid, one colour per run; the legend below the panels."""
-    from cpl_fast.eval.analysis import _plt
+    from cpl_fast.figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     panels = [(key, name) for key, name in LOSS_PANELS if any(_curve(run, key)[0] for run in runs)]
     if not panels:
         return _placeholder(plt, "no training history recorded")
@@ -247,9 +247,9 @@ def _psnr_range(values: Sequence[float]) -> tuple[float, float]:
 def psnr_figure(runs: Sequence[RunResult], inputs: Mapping[str, Mapping[str, Any]] | None = None):
     """PSNR per task: the degraded inputs' (when given: ``cpl_fast.eval.scoring.score_inputs`` on the
     test set) beside every evaluated run's before (faint) and after training; the y axis spans the data."""
-    from cpl_fast.eval.analysis import _plt
+    from cpl_fast.figures import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     evaluated = [run for run in runs if run.after]
     tasks = sorted({task for run in evaluated for task in run.after} | set(inputs or {}))
     series = []  # (label, {task: psnr}, style)
@@ -291,9 +291,9 @@ def write_figures(runs: Sequence[RunResult], folder: Path,
     """``loss_curves.png`` (``loss_figure``), ``psnr_per_task.png`` (``psnr_figure``; ``inputs``: the
     degraded inputs' per-task scores) and ``selection_histograms.png`` (the histogram layout of
     ``cpl-analyze``: one row per evaluated run and level, one column per task) in ``folder``."""
-    from cpl_fast.eval.analysis import _plt, plot_selection_histograms
+    from cpl_fast.figures import plot_selection_histograms, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     paths = []
     for name, fig in (("loss_curves.png", loss_figure(runs)),
                       ("psnr_per_task.png", psnr_figure(runs, inputs))):

@@ -1,7 +1,7 @@
 """The training loop: data, model, objective, optimiser, schedule, EMA, logging, checkpoints, DDP.
 
 ``Trainer(config, run_dir)`` builds everything by name from a validated config (see
-``cpl_fast.train.config``); ``fit()`` trains to the configured number of optimiser steps. The
+``cpl_fast.config``); ``fit()`` trains to the configured number of optimiser steps. The
 objective is a step function from ``STEPS`` (``literal``, ``loop``, ``fast``: the CPL steps; ``l1``:
 plain L1, for the dense and sparse baselines without CPR), all with the signature
 ``step(model, batch, features, cpr_loss, sampler, m, generator) -> CPLStepOutput``.
@@ -38,31 +38,28 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cpl_fast import memory
+from cpl_fast.config import ConfigError, model_k_n, router_balance
 from cpl_fast.data import (
-    DEGRADATIONS,
     EvalDataset,
-    FilePairs,
-    Sample,
     TaskBalancedSampler,
     TrainDataset,
     build_task_ids,
     worker_init_fn,
 )
-from cpl_fast.data.io import is_image_file
-from cpl_fast.eval.health import prompt_gap_db
-from cpl_fast.eval.loading import model_from_config
-from cpl_fast.eval.scoring import average
+from cpl_fast.data.sources import data_sources
 from cpl_fast.losses import CPRLoss, build_features
+from cpl_fast.losses.negatives import OtherTask, build_negative_sampler
+from cpl_fast.metrics.protocols import average
+from cpl_fast.metrics.routing import prompt_gap_db
 from cpl_fast.models import Routing
-from cpl_fast.train.checkpointing import load_newest_checkpoint, save_best, save_checkpoint
-from cpl_fast.train.config import ConfigError, model_k_n, router_balance
+from cpl_fast.models.registry import model_from_config
+from cpl_fast.runs.checkpoints import load_newest_checkpoint, save_best, save_checkpoint
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.health import TrainingHealth
 from cpl_fast.train.literal_step import literal_cpl_step
 from cpl_fast.train.loop_step import loop_cpl_step
 from cpl_fast.train.router_balance import load_balancing_loss, update_route_bias
 from cpl_fast.train.run_log import MetricSinks, RunLog, console_echo
-from cpl_fast.train.samplers import OtherTask, build_sampler
 from cpl_fast.train.schedule import build_scheduler
 from cpl_fast.train.step_inputs import unpack_batch
 from cpl_fast.train.step_output import CPLStepOutput
@@ -240,48 +237,6 @@ class StepContext:
 
 # ------------------------------------------------------------------------------------------ data
 
-def _clean_samples(folder: Path, tasks: Sequence[str]) -> list[Sample]:
-    """Every clean image of ``folder`` under every degradation of ``tasks`` (synthesised on load)."""
-    if not folder.is_dir():
-        raise ConfigError(f"data root {folder} does not exist (layout 'clean' reads a folder of clean "
-                          f"images)")
-    unknown = [t for t in tasks if t not in DEGRADATIONS]
-    if unknown:
-        raise ConfigError(f"data.tasks has unknown degradations {unknown}; known: {sorted(DEGRADATIONS)}")
-    images = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_file(p))
-    if not images:
-        raise ConfigError(f"data root {folder} holds no images")
-    return [Sample(target=p, task=t, degradation=t) for t in tasks for p in images]
-
-
-def build_sources(data: Mapping[str, Any]) -> tuple[Any, Any | None]:
-    """The training and (when the layout has one) test pair sources of a data config."""
-    layout = data["layout"]
-    if layout == "embedded":
-        from cpl_fast.data import embedded_pairs
-
-        return embedded_pairs("train"), embedded_pairs("test")
-    if data["root"] is None:
-        raise ConfigError(f"data layout {layout!r} needs a data root: pass --data ROOT or "
-                          f"--set data.root=ROOT")
-    root = Path(data["root"])
-    if not root.exists():
-        raise ConfigError(f"data root {root} does not exist")
-    if layout == "clean":
-        train = FilePairs(_clean_samples(root, data["tasks"]))
-        test = None
-        if data["test_root"]:
-            test = FilePairs(_clean_samples(Path(data["test_root"]), data["tasks"]))
-        return train, test
-    if layout in ("weatherbench", "paired"):
-        train = FilePairs.from_layout(layout, str(root))
-        test = FilePairs.from_layout(layout, data["test_root"]) if data["test_root"] else None
-        return train, test
-    train = FilePairs.from_layout(layout, str(root), data["train_split"] or "train")
-    test = FilePairs.from_layout(layout, str(data["test_root"] or root), data["test_split"] or "test")
-    return train, test
-
-
 # --------------------------------------------------------------------------------------- trainer
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
@@ -372,7 +327,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         data = self.config["data"]
-        self.train_source, self.test_source = build_sources(data)
+        self.train_source, self.test_source = data_sources(data)
         tasks = list(self.train_source.tasks) + (list(self.test_source.tasks) if self.test_source else [])
         self.task_ids = build_task_ids(tasks)
         self.num_tasks = len(set(self.task_ids[t] for t in self.train_source.tasks))
@@ -419,9 +374,9 @@ class Trainer:
                            anchor_grad=cpr["anchor_grad"], margin=cpr["margin"], tau=cpr["tau"])
         _, n = model_k_n(self.config)
         if cpr["sampler"] == "other_task":
-            sampler = build_sampler("other_task", num_tasks=self.num_tasks, memory_size=cpr["memory_size"])
+            sampler = build_negative_sampler("other_task", num_tasks=self.num_tasks, memory_size=cpr["memory_size"])
         else:
-            sampler = build_sampler("mismatched_experts", num_prompts=n)
+            sampler = build_negative_sampler("mismatched_experts", num_prompts=n)
         self.negative_sampler = sampler
         if self.info.enabled:
             sampler = GlobalBatchSampler(sampler, self.info)
