@@ -2,8 +2,8 @@
 
 Fixtures: ``device`` (CUDA when present, else CPU), ``sync`` (waits for the device, so timings of
 GPU work are honest), ``peak_memory`` (peak extra bytes a call allocates, see below),
-``copy_bandwidth`` and ``bandwidth_lines`` (see below) and ``bench_notes`` (lines a benchmark module
-adds to its results file).
+``copy_bandwidth`` and ``bandwidth_lines`` (see below), ``bench_notes`` (lines a benchmark module
+adds to its results file) and ``op_provider`` (the function an op benchmark times for a provider).
 
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the memory allocated before the
 call. On the CPU, ``torch.profiler`` with ``profile_memory=True`` records every allocation and free
@@ -154,6 +154,22 @@ def bandwidth_lines() -> Callable[[list[tuple[str, str, float, int]], float], li
 def bench_notes() -> dict[str, list[str]]:
     """``bench_notes[op]``: markdown lines appended to the op's results table."""
     return _NOTES
+
+
+def _op_provider(name: str, reference: Callable, fused: Callable[[str], Callable]) -> Callable:
+    if name == "reference":
+        return reference
+    if name == "compile":
+        return torch.compile(reference, dynamic=False)
+    return fused(name)
+
+
+@pytest.fixture(scope="session")
+def op_provider() -> Callable[[str, Callable, Callable[[str], Callable]], Callable]:
+    """``op_provider(name, reference, fused)``: what an op benchmark times for provider ``name``: the
+    plain-PyTorch ``reference``, ``compile`` (torch.compile of it, static shapes: each case compiles for
+    its own), or ``fused(name)`` for a fused backend. Every op table has these columns, in this order."""
+    return _op_provider
 
 
 def _percentile(data: list[float], q: float) -> float:

@@ -101,14 +101,6 @@ def _pw_inputs(case):
             (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(DEVICE)]
 
 
-def _function(reference, fused, provider):
-    if provider == "reference":
-        return reference
-    if provider == "compile":
-        return torch.compile(reference, dynamic=False)
-    return fused(provider)
-
-
 def _bytes_moved(op, inputs, mode):
     """The least bytes one call must read and write (memory-bound ops only; None otherwise)."""
     x = inputs[0]
@@ -175,9 +167,9 @@ def _run_op(benchmark, peak_memory, copy_bandwidth, op, case, provider, mode, fn
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", _providers(LN_DISPATCHER))
 @pytest.mark.parametrize("case", list(LN_CASES))
-def test_channel_layernorm(benchmark, peak_memory, copy_bandwidth, case, provider, mode):
-    fn = _function(channel_layernorm_reference,
-                   lambda name: (lambda x, w, b: channel_layernorm(x, w, b, backend=name)), provider)
+def test_channel_layernorm(benchmark, peak_memory, copy_bandwidth, op_provider, case, provider, mode):
+    fn = op_provider(provider, channel_layernorm_reference,
+                     lambda name: (lambda x, w, b: channel_layernorm(x, w, b, backend=name)))
     _run_op(benchmark, peak_memory, copy_bandwidth, "channel_layernorm", case, provider, mode, fn,
             _ln_inputs(case))
 
@@ -185,8 +177,8 @@ def test_channel_layernorm(benchmark, peak_memory, copy_bandwidth, case, provide
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", _providers(GELU_DISPATCHER))
 @pytest.mark.parametrize("case", list(GELU_CASES))
-def test_gated_gelu(benchmark, peak_memory, copy_bandwidth, case, provider, mode):
-    fn = _function(gated_gelu_reference, lambda name: (lambda x: gated_gelu(x, backend=name)), provider)
+def test_gated_gelu(benchmark, peak_memory, copy_bandwidth, op_provider, case, provider, mode):
+    fn = op_provider(provider, gated_gelu_reference, lambda name: (lambda x: gated_gelu(x, backend=name)))
     _run_op(benchmark, peak_memory, copy_bandwidth, "gated_gelu", case, provider, mode, fn,
             _gelu_inputs(case))
 
@@ -194,8 +186,8 @@ def test_gated_gelu(benchmark, peak_memory, copy_bandwidth, case, provider, mode
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", ["reference", "compile", "gemm"])
 @pytest.mark.parametrize("case", list(PW_CASES))
-def test_pointwise_conv(benchmark, peak_memory, copy_bandwidth, case, provider, mode):
-    fn = _function(pointwise_conv_reference, lambda name: pointwise_conv_gemm, provider)
+def test_pointwise_conv(benchmark, peak_memory, copy_bandwidth, op_provider, case, provider, mode):
+    fn = op_provider(provider, pointwise_conv_reference, lambda name: pointwise_conv_gemm)
     _run_op(benchmark, peak_memory, copy_bandwidth, "pointwise_conv", case, provider, mode, fn,
             _pw_inputs(case))
 

@@ -31,11 +31,9 @@ LAYERS = {  # VGG19 feature shapes (C, H, W) at a 64x64 input
 }
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-
-
 PROVIDERS = ["reference", "compile"] + [
     fused_provider(DISPATCHER, name, DEVICE) for name in ("cpu", "cuda", "triton")]
-_measured: dict[tuple[str, str], dict[str, float]] = {}   # (layer, provider) -> numbers
+_measured: dict[tuple[str, str], dict[str, float]] = {}   # (case, provider) -> numbers
 
 
 def bytes_moved(shape: tuple[int, ...], element_size: int) -> int:
@@ -56,33 +54,31 @@ def _setup(shape: tuple[int, ...]):
     return feats, f_gt, weights, upstream
 
 
-def _provider(name: str):
-    if name == "reference":
-        return cpr_distances_reference
-    if name == "compile":
-        return torch.compile(cpr_distances_reference, dynamic=False)
-    return lambda *args: cpr_distances(*args, backend=name)
+def _case(layer: str) -> str:
+    """A row of the results table: the layer and the shape of its feature rows."""
+    return f"{layer} ({(1 + NEGATIVES) * BATCH},{','.join(map(str, LAYERS[layer]))})"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_cpr_distances_full(benchmark, copy_bandwidth, layer, provider):
+def test_cpr_distances_full(benchmark, sync, copy_bandwidth, op_provider, layer, provider):
     feats, f_gt, weights, upstream = _setup(LAYERS[layer])
-    fn = _provider(provider)
+    fn = op_provider(provider, cpr_distances_reference,
+                     lambda name: (lambda *args: cpr_distances(*args, backend=name)))
 
     def step():
         feats.grad = None
         f_pos, f_neg = feats[:BATCH], feats[BATCH:].view(NEGATIVES, BATCH, *LAYERS[layer])
         torch.autograd.backward(fn(f_pos, f_gt, f_neg, weights), upstream)
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
 
     for _ in range(3):  # compilation, autotuning and allocator warm-up stay out of the timings
         step()
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     benchmark.group = "cpr_distances-full"
-    benchmark.extra_info.update(layer=layer, provider=provider, device=str(DEVICE),
+    # case= and provider= make the results table's rows and columns (bench/conftest.py).
+    benchmark.extra_info.update(case=_case(layer), layer=layer, provider=provider, device=str(DEVICE),
                                 shape=[(1 + NEGATIVES) * BATCH, *LAYERS[layer]])
     benchmark(step)
     if DEVICE.type == "cuda":
@@ -91,14 +87,15 @@ def test_cpr_distances_full(benchmark, copy_bandwidth, layer, provider):
     moved = bytes_moved(LAYERS[layer], feats.element_size())
     benchmark.extra_info.update(bytes_moved=moved, copy_bandwidth_bytes_per_s=copy_bandwidth,
                                 of_copy_bandwidth=round(moved / median / copy_bandwidth, 4))
-    _measured[(layer, provider)] = {"median": median, "bytes_moved": moved, "copy_bandwidth": copy_bandwidth}
+    _measured[(_case(layer), provider)] = {"median": median, "bytes_moved": moved,
+                                           "copy_bandwidth": copy_bandwidth}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def write_bandwidth_table(bench_notes, bandwidth_lines):
     """After the last case, the share of the copy bandwidth of every case, under the results."""
     yield
-    rows = [(layer, provider, r["median"], r["bytes_moved"]) for (layer, provider), r in _measured.items()]
+    rows = [(case, provider, r["median"], r["bytes_moved"]) for (case, provider), r in _measured.items()]
     if rows:
         bandwidth = next(iter(_measured.values()))["copy_bandwidth"]
         bench_notes["cpr_distances"].extend(bandwidth_lines(rows, bandwidth))

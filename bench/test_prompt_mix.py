@@ -46,8 +46,6 @@ SETTINGS = {"train": (128, "full"), "infer": (512, "fwd")}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FUSED = [name for name in ("cpu", "triton", "cuda") if not DISPATCHER.backends[name].available(DEVICE)]
 
-
-
 PROVIDERS = ["materialized", "reference", "compile"] + [
     fused_provider(DISPATCHER, name, DEVICE) for name in ("cpu", "triton", "cuda")]
 
@@ -83,24 +81,21 @@ def bytes_moved(bank: torch.Tensor, indices: torch.Tensor, out_numel: int, mode:
     return forward if mode == "fwd" else forward + out + selected + bank.shape[0] * expert
 
 
-def _provider(name: str):
+def _provider(op_provider, name: str):
     """``fn(bank, indices, weights, dense_probs, size)``."""
     if name == "materialized":
         return lambda bank, indices, weights, dense, size: prompt_mix_materialized(bank, dense, size)
-    if name == "reference":
-        return lambda bank, indices, weights, dense, size: prompt_mix_reference(bank, indices, weights, size)
-    if name == "compile":
-        compiled = torch.compile(prompt_mix_reference, dynamic=False)
-        return lambda bank, indices, weights, dense, size: compiled(bank, indices, weights, size)
-    return lambda bank, indices, weights, dense, size: prompt_mix(bank, indices, weights, size, backend=name)
+    fn = op_provider(name, prompt_mix_reference,
+                     lambda backend: (lambda *args: prompt_mix(*args, backend=backend)))
+    return lambda bank, indices, weights, dense, size: fn(bank, indices, weights, size)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("level", list(LEVELS))
 @pytest.mark.parametrize("setting", list(SETTINGS))
-def test_prompt_mix(benchmark, sync, peak_memory, copy_bandwidth, setting, level, provider):
+def test_prompt_mix(benchmark, sync, peak_memory, copy_bandwidth, op_provider, setting, level, provider):
     bank, indices, weights, dense, size, grad_out = _setup(level, setting)
-    fn = _provider(provider)
+    fn = _provider(op_provider, provider)
     mode = SETTINGS[setting][1]
     if mode == "full":
         bank.requires_grad_(True)
