@@ -250,3 +250,27 @@ def test_pad_to_multiple():
     padded, size = pad_to_multiple(x, 8)
     assert padded.shape == (1, 3, 16, 16) and size == (13, 16)
     torch.testing.assert_close(padded[..., :13, :], x)
+
+
+def test_choice_lists_are_read_from_the_registries(monkeypatch):
+    from cpl_fast.config import registry_choices
+    from cpl_fast.data.layouts import LAYOUTS
+    from cpl_fast.losses import CPR_FORMS, FEATURES, NEGATIVE_SAMPLERS, negatives
+
+    choices = registry_choices()
+    assert choices["cpr.sampler"] == tuple(NEGATIVE_SAMPLERS)
+    assert choices["cpr.features"] == tuple(FEATURES) and choices["cpr.form"] == tuple(CPR_FORMS)
+    assert set(LAYOUTS) < set(choices["data.layout"])
+    # A sampler registered below the config is a valid setting without a second list to edit.
+    monkeypatch.setitem(negatives.NEGATIVE_SAMPLERS, "every_other", negatives.MismatchedExperts)
+    assert load_config("demo", overrides=["cpr.sampler=every_other"])["cpr"]["sampler"] == "every_other"
+    with pytest.raises(ConfigError, match="cpr.sampler must be one of mismatched_experts, other_task, every_other"):
+        load_config("demo", overrides=["cpr.sampler=nope"])
+
+
+def test_presets_are_the_shipped_yaml_files():
+    import importlib.resources
+
+    shipped = {p.name[:-5] for p in importlib.resources.files("cpl_fast.configs").iterdir()
+               if p.name.endswith(".yaml")}
+    assert set(PRESET_NAMES) == shipped and "demo" in shipped
