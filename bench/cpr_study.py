@@ -46,7 +46,7 @@ def train_command(name: str, settings: dict[str, Any], seed: int, run_dir: Path,
             *(f"{key}={_yaml_value(value)}" for key, value in settings.items()), *extra]
     # A folder without result.json is an interrupted run: start it again from scratch.
     again = ["--overwrite"] if run_dir.exists() else []
-    return [sys.executable, "-m", "cpl_fast.train.cli", "--preset", "cpr_study", "--run-dir", str(run_dir),
+    return [sys.executable, "-m", "cpl_fast.cli.train", "--preset", "cpr_study", "--run-dir", str(run_dir),
             *again, *(arg for s in sets for arg in ("--set", s))]
 
 
@@ -70,7 +70,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     import torch
     from torch.utils.data import Subset
 
-    from cpl_fast.eval.cli import test_dataset
+    from cpl_fast.cli.eval import evaluation_set
     from cpl_fast.eval.prompt_gap import eval_prompt_gap
     from cpl_fast.eval.scoring import evaluate, score_inputs
     from cpl_fast.inference.restoration import restore_image
@@ -80,7 +80,7 @@ def score(run_dir: Path) -> dict[str, Any]:
     torch.set_num_threads(1)
     loaded = load_model(run_dir)
     config = loaded.run_config
-    dataset = test_dataset(config)
+    dataset = evaluation_set(config)
     sample = Subset(dataset, range(0, len(dataset), GAP_STRIDE))
     model = loaded.model
     scores = evaluate(model, dataset, protocol="promptir")

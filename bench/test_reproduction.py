@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from cpl_fast.eval.cli import analyze_main, eval_main
-from cpl_fast.train.cli import main as train_main
+from cpl_fast.cli.eval import analyze_main, eval_main
+from cpl_fast.cli.train import main as train_main
 
 CONFIG = Path(__file__).resolve().parents[1] / "cpl_fast" / "configs" / "repro.yaml"
 VARIANTS = ("dense", "spm_k1", "", "spm_k2_cpr")  # "" is the main run: SPM k=1 + CPR

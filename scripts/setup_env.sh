@@ -12,4 +12,4 @@ python -m pip install -q --upgrade pip setuptools wheel ninja
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${CPL_FAST_TORCH_VERSION:-2.13.0}"
 # --no-build-isolation: the extension must be built against the torch installed above.
 python -m pip install -q --no-build-isolation -e ".[test]"
-python -m cpl_fast.info
+python -m cpl_fast.cli.info

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cpl_fast.cli.eval import analyze_main
 from cpl_fast.data import ArrayPairs, EvalDataset, build_task_ids
 from cpl_fast.eval import entropy_bits, restore_image
 from cpl_fast.eval.analysis import (
@@ -22,7 +23,6 @@ from cpl_fast.eval.analysis import (
     run_analysis,
     task_information,
 )
-from cpl_fast.eval.cli import analyze_main
 from cpl_fast.eval.prompt_gap import eval_prompt_gap
 from cpl_fast.metrics.image import psnr
 from cpl_fast.models import build_model, save_model_state

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from tiny_runs import TINY_RUN, as_sets
 
-from cpl_fast.eval.cli import eval_main, restore_main
+from cpl_fast.cli.eval import eval_main, restore_main
+from cpl_fast.cli.train import main as train_main
 from cpl_fast.models import build_model, save_model_state
-from cpl_fast.train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,7 +179,7 @@ def test_export_checks_opset_and_output_before_exporting(tmp_path, weights, caps
     from cpl_fast.runs import loading
 
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded and exported first"))
-    from cpl_fast.export.cli import main as export_main
+    from cpl_fast.cli.export import main as export_main
 
     args = ["onnx", "--ckpt", str(weights), "--model", "tiny", "-o", str(tmp_path / "m.onnx"),
             "--height", "32", "--width", "32"]
@@ -189,7 +189,7 @@ def test_export_checks_opset_and_output_before_exporting(tmp_path, weights, caps
 
 
 def test_export_workspace_must_be_positive(tmp_path, capsys):
-    from cpl_fast.export.cli import main as export_main
+    from cpl_fast.cli.export import main as export_main
 
     with pytest.raises(SystemExit) as exit_:
         export_main(["trt", "--onnx", "m.onnx", "-o", str(tmp_path / "e"), "--workspace-mib", "-5"])
@@ -208,7 +208,7 @@ def _paired_tree(root: Path, corrupt: bool = False) -> Path:
 
 
 def test_verify_decodes_every_image_unless_quick(tmp_path, capsys):
-    from cpl_fast.data.cli import main as data_main
+    from cpl_fast.cli.data import main as data_main
 
     root = _paired_tree(tmp_path / "pairs", corrupt=True)
     assert data_main(["verify", "--layout", "paired", str(root)]) == 1
@@ -290,7 +290,7 @@ def test_a_crop_that_cannot_fit_is_refused_before_it_allocates(tmp_path):
     """A subprocess with a capped address space: without the estimate the first step dies of memory."""
     limit = 6 * 2 ** 30
     code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
-            "from cpl_fast.train.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from cpl_fast.cli.train import main; sys.exit(main(sys.argv[1:]))")
     settings = [*TINY_RUN, "data.crop=4096", "data.batch=8", "objective=loop", "cpr.m=4"]
     done = subprocess.run([sys.executable, "-c", code, "--preset", "demo", "--run-dir", str(tmp_path / "run"),
                            *as_sets(settings)], cwd=ROOT, capture_output=True, text=True, timeout=300,

@@ -14,10 +14,10 @@ import pytest
 import torch
 from tiny_runs import TINY_RUN, as_sets
 
+from cpl_fast.cli.train import main
 from cpl_fast.models import build_model
 from cpl_fast.runs import checkpoints as checkpointing
 from cpl_fast.runs.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint, save_checkpoint
-from cpl_fast.train.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,7 +72,7 @@ def test_resume_refuses_a_planted_payload_without_running_it(run, tmp_path):
         path = tmp_path / "hostile.pt"
         torch.save(state, path)
         _rewrite(folder, "trainer_state.pt", path.read_bytes())
-    done = subprocess.run([sys.executable, "-m", "cpl_fast.train.cli", "--resume", str(run)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "cpl_fast.cli.train", "--resume", str(run)], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert not marker.exists(), "the planted payload ran"
     assert done.returncode == 2, done.stdout + done.stderr
@@ -229,8 +229,8 @@ def test_load_newest_checkpoint_skips_a_trainer_state_that_fails_to_read(run):
 
 
 def test_restore_uses_the_newest_complete_checkpoint_of_a_run(run, tmp_path, capsys):
+    from cpl_fast.cli.eval import restore_main
     from cpl_fast.data import write_png
-    from cpl_fast.eval.cli import restore_main
 
     newest = run / "checkpoints" / "step_00000002"
     data = (newest / "model.safetensors").read_bytes()

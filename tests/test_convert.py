@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cpl_fast import convert_cli
+from cpl_fast.cli import convert as convert_cli
+from cpl_fast.cli.convert import main
 from cpl_fast.config import dump_yaml, load_config
-from cpl_fast.convert_cli import main
 from cpl_fast.models import build_model, load_checkpoint
 from cpl_fast.models.checkpoint import UNUSED_OFFICIAL_KEYS
 from cpl_fast.models.convert import (
@@ -268,7 +268,7 @@ def test_bad_inputs_get_one_named_error(tmp_path, capsys, monkeypatch, setup, ar
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys\nfrom cpl_fast.convert_cli import main\ntry:\n    main(['--help'])\n"
+    code = ("import sys\nfrom cpl_fast.cli.convert import main\ntry:\n    main(['--help'])\n"
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip().endswith("False"), done.stderr

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from cpl_fast.cli.data import main as cli_main
 from cpl_fast.data import (
     EMBEDDED_TASKS,
     TASK_IDS,
@@ -38,7 +39,6 @@ from cpl_fast.data import (
     worker_init_fn,
     write_png,
 )
-from cpl_fast.data.cli import main as cli_main
 from cpl_fast.data.layouts import CDD11_DEGRADED
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cpl_fast.cli.eval import UsageError, evaluation_set
 from cpl_fast.config import load_config
 from cpl_fast.data import write_png
 from cpl_fast.data.sources import DataSourceError, data_sources, evaluation_pairs
-from cpl_fast.eval.cli import UsageError, evaluation_set
 
 
 def _write_images(folder, names, seed=0):

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
+from cpl_fast.cli.eval import eval_main
 from cpl_fast.config import dump_yaml, load_config
 from cpl_fast.data import EvalDataset, build_task_ids, embedded_pairs
 from cpl_fast.eval import evaluate, get_protocol
-from cpl_fast.eval.cli import eval_main
 from cpl_fast.models import build_model, save_model_state
 from cpl_fast.runs.checkpoints import save_checkpoint
 

@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+from cpl_fast.cli.export import main as cli_main
 from cpl_fast.export import (
     EngineIO,
     InferenceGraph,
@@ -29,7 +30,6 @@ from cpl_fast.export import (
     read_build,
     read_metadata,
 )
-from cpl_fast.export.cli import main as cli_main
 from cpl_fast.export.trt import check_profile
 from cpl_fast.inference.restoration import pad_to_multiple
 from cpl_fast.models import build_model, save_model_state

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from cpl_fast.export.cli import main as cli_main
+from cpl_fast.cli.export import main as cli_main
 from cpl_fast.export.onnx_export import export_onnx
 from cpl_fast.export.trt import Profile, check_profile, read_build
 from cpl_fast.models import build_model

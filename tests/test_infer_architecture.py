@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cpl_fast.eval.cli import eval_main
+from cpl_fast.cli.eval import eval_main
 from cpl_fast.models import PRESETS, build_model, load_checkpoint, save_model_state
 from cpl_fast.models.infer import ArchitectureError, infer_architecture, model_section, resolved_preset
 from cpl_fast.models.registry import _TINY, model_from_config

@@ -83,11 +83,11 @@ def test_usage_snippet_runs():
 
 def test_torchrun_forms(work):
     folder, _ = work
-    _documented("`torchrun --nproc-per-node N -m cpl_fast.train.cli ...`")
+    _documented("`torchrun --nproc-per-node N -m cpl_fast.cli.train ...`")
     _documented("`torchrun --nproc-per-node N --no-python cpl-train ...`")
     sets = TINY
     jobs = [
-        subprocess.Popen([_tool("torchrun"), "--nproc-per-node", "2", "-m", "cpl_fast.train.cli", "--preset",
+        subprocess.Popen([_tool("torchrun"), "--nproc-per-node", "2", "-m", "cpl_fast.cli.train", "--preset",
                           "demo", "--run-dir", str(folder / "ddp_module"), *sets], cwd=folder,
                          env=_env(PET_MASTER_PORT=_free_port()), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True),

@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cpl_fast.cli.eval import restore_main
 from cpl_fast.data import read_image
 from cpl_fast.eval import restore_image
-from cpl_fast.eval.cli import restore_main
 from cpl_fast.eval.restore import collect_inputs, restore_files
 from cpl_fast.models import build_model, save_model_state
 from cpl_fast.runs.loading import load_model, resolve_weights

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tiny_runs import TINY_RUN, as_sets
 
-from cpl_fast.train.cli import main
+from cpl_fast.cli.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _start(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "cpl_fast.train.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "cpl_fast.cli.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

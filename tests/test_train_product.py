@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from cpl_fast.cli.train import main
 from cpl_fast.config import load_config
 from cpl_fast.data import EMBEDDED_TASKS
-from cpl_fast.train.cli import main
 from cpl_fast.train.schedule import WarmupCosine, warmup_iterations
 from tests.tiny_runs import TINY_RUN, as_sets
 
@@ -90,7 +90,7 @@ def test_redirected_output_gets_log_lines_and_train_log(tmp_path):
     run = tmp_path / "run"
     settings = [s for s in TINY_RUN if not s.startswith(("logging.progress", "train.iterations"))]
     settings += ["logging.progress=true", "train.iterations=4", "train.log_every=2"]
-    proc = subprocess.run([sys.executable, "-m", "cpl_fast.train.cli", "--preset", "demo",
+    proc = subprocess.run([sys.executable, "-m", "cpl_fast.cli.train", "--preset", "demo",
                            "--run-dir", str(run), *as_sets(settings)],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=600)
@@ -128,9 +128,9 @@ def test_missing_wandb_is_refused_before_the_run_folder_exists(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("module,function", [
-    ("cpl_fast.train.cli", "main"), ("cpl_fast.eval.cli", "eval_main"), ("cpl_fast.eval.cli", "restore_main"),
-    ("cpl_fast.eval.cli", "analyze_main"), ("cpl_fast.export.cli", "main"), ("cpl_fast.data.cli", "main"),
-    ("cpl_fast.info", "main"), ("cpl_fast.convert_cli", "main"),
+    ("cpl_fast.cli.train", "main"), ("cpl_fast.cli.eval", "eval_main"), ("cpl_fast.cli.eval", "restore_main"),
+    ("cpl_fast.cli.eval", "analyze_main"), ("cpl_fast.cli.export", "main"), ("cpl_fast.cli.data", "main"),
+    ("cpl_fast.cli.info", "main"), ("cpl_fast.cli.convert", "main"),
 ])
 def test_help_does_not_import_torch(module, function):
     """``--help`` answers at once: torch (seconds to import) is imported after the arguments are parsed."""
