@@ -24,6 +24,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cpl_fast.cli.common import (
+    USAGE,
+    UsageError,
+    add_config_files,
+    add_data,
+    add_device,
+    add_preset,
+    add_set,
+    errors,
+    fail,
+    layered_config,
+    log,
+    markdown_table,
+    setup_logging,
+    torch_device,
+)
 from cpl_fast.data.io import check_writable_file
 from cpl_fast.inference.options import AMP_MODES, DEFAULT_OVERLAP
 
@@ -70,10 +86,8 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
                         help="model preset (tiny, tiny_dense, cpl, promptir); default: the run's, else the "
                              "checkpoint's, read from the weights (dense for Lightning checkpoints, top-1 "
                              "otherwise); a --preset's model never replaces the checkpoint's")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="override a setting as in cpl-train, e.g. --set model.k=2 "
-                             "--set data.test_split=x")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
+    add_set(parser, "override a setting as in cpl-train, e.g. --set model.k=2 --set data.test_split=x")
+    add_device(parser)
     parser.add_argument("--tile", type=_tile, default="auto", help=TILE_HELP)
     parser.add_argument("--tile-overlap", type=_overlap, default=DEFAULT_OVERLAP, metavar="PX",
                         help=f"overlap of neighbouring tiles in pixels (default {DEFAULT_OVERLAP})")
@@ -83,39 +97,20 @@ def _add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
-    from cpl_fast.config import PRESET_NAMES
-
-    parser.add_argument("--preset", choices=PRESET_NAMES, help="the benchmark (data layout, model, protocol)")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML config(s) as for cpl-train, applied after the preset")
-    parser.add_argument("--data", metavar="ROOT", help="data root (the test split is read)")
+    add_preset(parser, "the benchmark (data layout, model, protocol)")
+    add_config_files(parser, "YAML config(s) as for cpl-train, applied after the preset")
+    add_data(parser, "data root (the test split is read)")
     parser.add_argument("--max-images", type=int, metavar="N", help="score only the first N test images")
     parser.add_argument("--name", action="append", default=[], metavar="NAME",
                         help="a name per --ckpt for the tables (default: the run folder's or file's name)")
 
 
-def _text(exc: BaseException) -> str:
-    from cpl_fast.data.io import error_text
-
-    return error_text(exc)
-
-
-def _device(name: str) -> torch.device:
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-class UsageError(ValueError):
-    """Bad arguments; the message says which."""
-
-
 # ------------------------------------------------------------------------------ config and models
+
+def _explicit(args: argparse.Namespace) -> bool:
+    """Whether a --preset or --config names the benchmark (cpl-restore takes neither)."""
+    return bool(getattr(args, "preset", None) or getattr(args, "config", None))
+
 
 def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_data: bool,
             weights_model: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -125,68 +120,56 @@ def _config(args: argparse.Namespace, run_config: dict[str, Any] | None, need_da
     A --preset / --config names a benchmark; its model section does not replace what a checkpoint
     says about its own model: the checkpoint's wins, with a note when the two differ.
     """
-    from cpl_fast.config import DEFAULTS, load_config, parse_override, set_dotted, validate
+    from cpl_fast.config import DEFAULTS, parse_override, set_dotted
 
-    notes: list[str] = []
-    explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
+    explicit = _explicit(args)
+    base, model = None, None
     if explicit:
-        config = load_config(args.preset, args.config, [], getattr(args, "data", None))
-        if run_config is not None:
-            config["model"] = copy.deepcopy(run_config["model"])
+        model = None if run_config is None else run_config["model"]
     elif run_config is not None:
-        config = copy.deepcopy(run_config)
-        if getattr(args, "data", None) is not None:
-            config["data"]["root"] = args.data
+        base = run_config
     elif need_data:
         raise UsageError("which data? give --preset (or --config) with --data ROOT, or a cpl-train run "
                          "folder as --ckpt")
     else:
-        config = copy.deepcopy(DEFAULTS)
-        config["data"]["layout"] = "embedded"
+        base = copy.deepcopy(DEFAULTS)
+        base["data"]["layout"] = "embedded"
     if args.model is not None:
-        config["model"] = {"preset": args.model, "k": None, "n": None, "overrides": {}}
+        model = {"preset": args.model, "k": None, "n": None, "overrides": {}}
     from_weights = args.model is None and run_config is None and weights_model is not None
-    if from_weights and explicit:
+    config = layered_config(getattr(args, "preset", None), getattr(args, "config", []),
+                            getattr(args, "data", None), args.overrides, base=base, model=model,
+                            keep=lambda key: not (from_weights and key.startswith("model.")))
+    notes: list[str] = []
+    if not from_weights:
+        return config, notes
+    if explicit:
         from cpl_fast.runs.loading import preset_model_note
 
         where = f"--preset {args.preset}" if getattr(args, "preset", None) else "--config"
         note = preset_model_note(where, config["model"], weights_model)
         notes += [note] if note else []
-    settings = [parse_override(text) for text in args.overrides]
-    model_settings = [(key, value) for key, value in settings if key.startswith("model.")]
-    for key, value in settings:
-        if not (from_weights and key.startswith("model.")):
-            set_dotted(config, key, value)
-    validate(config)
-    if from_weights:
-        # The checkpoint's model with --set model.* applied. validate's checks that tie the model to
-        # training (cpr.m against the number of prompts, ...) are the benchmark's, not this model's;
-        # its own settings are checked when it is built.
-        holder = {"model": copy.deepcopy(weights_model)}
-        for key, value in model_settings:
+    # The checkpoint's model with --set model.* applied. validate's checks that tie the model to
+    # training (cpr.m against the number of prompts, ...) are the benchmark's, not this model's;
+    # its own settings are checked when it is built.
+    holder = {"model": copy.deepcopy(weights_model)}
+    for key, value in map(parse_override, args.overrides):
+        if key.startswith("model."):
             set_dotted(holder, key, value)
-        config["model"] = holder["model"]
+    config["model"] = holder["model"]
     return config, notes
-
-
-def _model_section(args: argparse.Namespace, config: dict[str, Any], run_config: dict[str, Any] | None,
-                   explicit_data: bool) -> dict[str, Any]:
-    """The model section to build: the config's, which ``_config`` took from --model, the run or the
-    checkpoint (``explicit_data`` is kept for callers; a benchmark never chooses the model)."""
-    return config["model"]
 
 
 def _load(args: argparse.Namespace, ckpt: str, device: torch.device, need_data: bool):
     from cpl_fast.runs.loading import checkpoint_model, load_model, resolve_weights
 
     weights, run_config = resolve_weights(ckpt)
-    explicit = bool(getattr(args, "preset", None) or getattr(args, "config", None))
     weights_model, weights_notes = None, []
     # Read the weights for their model only where it is used (without data, _config stops first).
-    if run_config is None and args.model is None and (explicit or not need_data):
+    if run_config is None and args.model is None and (_explicit(args) or not need_data):
         weights_model, weights_notes = checkpoint_model(weights)
     config, notes = _config(args, run_config, need_data, weights_model)
-    loaded = load_model(ckpt, _model_section(args, config, run_config, explicit), device)
+    loaded = load_model(ckpt, config["model"], device)
     # Where the model came from, and what --set changed in what the weights said.
     if weights_model is not None and config["model"] != weights_model:
         weights_notes.append(f"--set made the model {config['model']}")
@@ -214,8 +197,8 @@ def evaluation_set(config: dict[str, Any]):
 
     source = evaluation_pairs(config["data"], root_is_test=True)
     if source is None:
-        raise UsageError("layout 'clean' has test images only with data.test_root (--set data.test_root=DIR), "
-                         "or evaluate a 'paired' folder")
+        raise UsageError("layout 'clean' has test images only with data.test_root "
+                         "(--set data.test_root=DIR), or evaluate a 'paired' folder")
     return EvalDataset(source, seed=config["seed"], task_ids=build_task_ids(source.tasks))
 
 
@@ -235,14 +218,11 @@ def _entropy_line(task: str, levels: Sequence[dict[str, Any]]) -> str:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    import yaml
+    """Every error is exit 2 here, a file that could not be read or written during the work included."""
+    from cpl_fast.data import ImageReadError
 
-    from cpl_fast.config import ConfigError
-    from cpl_fast.data import ImageReadError, LayoutError
-    from cpl_fast.runs.checkpoints import CheckpointError
-
-    return (UsageError, ConfigError, CheckpointError, LayoutError, ImageReadError, FileNotFoundError,
-            ValueError, MemoryError, yaml.YAMLError, OSError)
+    usage, _ = errors(usage=(ImageReadError, ValueError, MemoryError, OSError))
+    return usage
 
 
 def _check_output_file(path: str | None, option: str) -> None:
@@ -262,8 +242,7 @@ def _write_output(path: str, data: bytes, prog: str) -> int:
     try:
         atomic_write_bytes(path, data)
     except OSError as exc:
-        print(f"{prog}: error: cannot write {path}: {error_text(exc)}", file=sys.stderr)
-        return 3
+        return fail(prog, f"cannot write {path}: {error_text(exc)}", 3)
     return 0
 
 
@@ -295,23 +274,20 @@ def comparison_table(results: dict[str, dict[str, Any]], protocol_label: str) ->
     from cpl_fast.metrics.protocols import average
 
     tasks = list(next(iter(results.values()))["scores"])
-    head = "| model | " + " | ".join(tasks) + " | average | protocol |"
-    lines = [head, "|---" * (len(tasks) + 3) + "|"]
+    rows = []
     for name, result in results.items():
         scores = result["scores"]
         cells = [f"{scores[t]['psnr']:.2f}/{scores[t]['ssim']:.4f}" if t in scores else "-" for t in tasks]
         mean = average(scores)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {mean['psnr']:.2f}/{mean['ssim']:.4f} | "
-                     f"{protocol_label} |")
-    return "\n".join(lines)
+        rows.append([name, *cells, f"{mean['psnr']:.2f}/{mean['ssim']:.4f}", protocol_label])
+    return markdown_table(["model", *tasks, "average", "protocol"], rows)
 
 
 def entropy_markdown(results: dict[str, dict[str, Any]]) -> str:
     """Selection entropy (bits) per model, task and level: ``selection / mean softmax``."""
     tasks = list(next(iter(results.values()))["scores"])
     levels = max(len(s["levels"]) for r in results.values() for s in r["scores"].values())
-    head = "| model | level | " + " | ".join(tasks) + " | mean |"
-    lines = [head, "|---" * (len(tasks) + 3) + "|"]
+    rows = []
     for name, result in results.items():
         scores = result["scores"]
         if not all(s["levels"] for s in scores.values()):
@@ -320,14 +296,14 @@ def entropy_markdown(results: dict[str, dict[str, Any]]) -> str:
             sel = [scores[t]["levels"][lv]["selection_entropy"] for t in tasks]
             soft = [scores[t]["levels"][lv]["mean_softmax_entropy"] for t in tasks]
             cells = [f"{a:.2f} / {b:.2f}" for a, b in zip(sel, soft)]
-            lines.append(f"| {name} | {lv} | " + " | ".join(cells)
-                         + f" | {sum(sel) / len(sel):.2f} / {sum(soft) / len(soft):.2f} |")
-    return "\n".join(lines)
+            rows.append([name, lv, *cells, f"{sum(sel) / len(sel):.2f} / {sum(soft) / len(soft):.2f}"])
+    return markdown_table(["model", "level", *tasks, "mean"], rows)
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-eval``; returns the exit status."""
     args = _eval_parser().parse_args(argv)
+    setup_logging()
     from cpl_fast.eval.scoring import evaluate, scores_table
     from cpl_fast.metrics.protocols import get_protocol
 
@@ -336,7 +312,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--max-images must be >= 1, got {args.max_images}")
         _check_output_file(args.json, "--json")
         _check_output_file(args.markdown, "--markdown")
-        device = _device(args.device)
+        device = torch_device(args.device)
         names = _names(args)
         results: dict[str, dict[str, Any]] = {}
         protocol = None
@@ -344,25 +320,24 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
             loaded, config = _load(args, ckpt, device, need_data=True)
             if protocol is None:
                 protocol = get_protocol(_default_protocol(args, config), args.crop_border)
-                print(protocol.description)
+                log.info(protocol.description)
             dataset = evaluation_set(config)
             for note in loaded.notes:
-                print(f"note: {note}")
-            print(f"== {name}: {loaded.description}; {len(dataset)} test images")
+                log.info(f"note: {note}")
+            log.info(f"== {name}: {loaded.description}; {len(dataset)} test images")
             started = time.perf_counter()
             scores = evaluate(loaded.model, dataset, protocol=protocol, max_images=args.max_images,
                               tile=args.tile, overlap=args.tile_overlap, amp=args.amp,
                               progress=not args.no_progress)
             seconds = time.perf_counter() - started
-            print(scores_table(scores, protocol))
+            log.info(scores_table(scores, protocol))
             if args.entropy:
                 for task, s in scores.items():
-                    print(_entropy_line(task, s["levels"]))
+                    log.info(_entropy_line(task, s["levels"]))
             results[name] = {"checkpoint": str(loaded.weights), "model": loaded.model_config,
                              "layout": loaded.report.layout, "seconds": seconds, "scores": scores}
     except _errors() as exc:
-        print(f"cpl-eval: error: {_text(exc)}", file=sys.stderr)
-        return 2
+        return fail("cpl-eval", exc, USAGE)
     assert protocol is not None
     if args.input_baseline:
         from cpl_fast.eval.scoring import score_inputs
@@ -371,7 +346,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         results = {"input (no restoration)": {"checkpoint": None, "model": None, "layout": None,
                                               "seconds": 0.0, "scores": baseline}, **results}
     if len(results) > 1:
-        print(comparison_table(results, protocol.label))
+        log.info(comparison_table(results, protocol.label))
     status = 0
     if args.json:
         payload = {"protocol": protocol.name, "protocol_description": protocol.description, "runs": results}
@@ -404,26 +379,26 @@ def _restore_parser() -> argparse.ArgumentParser:
 def restore_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-restore``; returns the exit status (1 when some inputs failed)."""
     args = _restore_parser().parse_args(argv)
+    setup_logging()
     from cpl_fast.eval.restore import check_output_dir, collect_inputs, restore_files
 
     try:
         out_dir = check_output_dir(args.output)
         collect_inputs(args.images)  # colliding output names are refused before the model loads
-        device = _device(args.device)
+        device = torch_device(args.device)
         loaded, _ = _load(args, args.ckpt, device, need_data=False)
         for note in loaded.notes:
-            print(f"note: {note}")
-        print(f"model: {loaded.description}")
+            log.info(f"note: {note}")
+        log.info(f"model: {loaded.description}")
         summary = restore_files(loaded.model, args.images, out_dir, force=args.force, tile=args.tile,
                                 overlap=args.tile_overlap, amp=args.amp,
-                                log=lambda text: print(text, file=sys.stderr))
+                                log=log.warning)
     except _errors() as exc:
-        print(f"cpl-restore: error: {_text(exc)}", file=sys.stderr)
-        return 2
+        return fail("cpl-restore", exc, USAGE)
     lines = summary.lines()
-    print(lines[0])
+    log.info(lines[0])
     for line in lines[1:]:
-        print(line, file=sys.stderr)
+        log.warning(line)
     return 1 if summary.failed else 0
 
 
@@ -456,6 +431,7 @@ def _analyze_parser() -> argparse.ArgumentParser:
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """Run ``cpl-analyze``; returns the exit status."""
     args = _analyze_parser().parse_args(argv)
+    setup_logging()
     from cpl_fast.eval.analysis import DEFAULT_BATCH, analyze
 
     summary: dict[str, Any] = {}
@@ -468,13 +444,13 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
         from cpl_fast.eval.restore import check_output_dir
 
         out_root = check_output_dir(args.output)
-        device = _device(args.device)
+        device = torch_device(args.device)
         for name, ckpt in zip(_names(args), args.ckpt, strict=True):
             loaded, config = _load(args, ckpt, device, need_data=True)
             dataset = evaluation_set(config)
-            print(f"== {name}: {loaded.description}")
+            log.info(f"== {name}: {loaded.description}")
             for note in loaded.notes:
-                print(f"note: {note}")
+                log.info(f"note: {note}")
             result = analyze(loaded.model, dataset, out_root / name, title=name, max_images=args.max_images,
                              residuals=not args.no_residuals, progress=not args.no_progress,
                              protocol=_default_protocol(args, config), batch_size=batch)
@@ -485,18 +461,17 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
                                          for task, levels in result["entropy"].items()}}
             summary[name]["task_information"] = result["task_information"]
             for task, levels in result["entropy"].items():
-                print(_entropy_line(task, levels))
+                log.info(_entropy_line(task, levels))
             info = "  ".join(f"L{i}: {lv['task_expert_information']:.2f}"
                              for i, lv in enumerate(result["task_information"]))
-            print(f"   task-expert mutual information, bits: {info}")
+            log.info(f"   task-expert mutual information, bits: {info}")
             if "prompt_gap" in result:
                 gap = result["prompt_gap"]["all"]
-                print(f"   prompt gap: {gap['psnr_positive']:.2f} dB with its own prompts, "
+                log.info(f"   prompt gap: {gap['psnr_positive']:.2f} dB with its own prompts, "
                       f"{gap['psnr_negative']:.2f} dB with other experts ({gap['gap_db']:.2f} dB)")
-            print(f"   figures: {', '.join(str(out_root / name / f) for f in result['figures'])}")
+            log.info(f"   figures: {', '.join(str(out_root / name / f) for f in result['figures'])}")
     except _errors() as exc:
-        print(f"cpl-analyze: error: {_text(exc)}", file=sys.stderr)
-        return 2
+        return fail("cpl-analyze", exc, USAGE)
     return _write_output(str(out_root / "summary.json"), json.dumps(summary, indent=1).encode("utf-8"),
                          "cpl-analyze")
 

@@ -29,26 +29,36 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Only what the argument parser needs is imported here: ``--help`` must not wait for torch.
-from cpl_fast.config import PRESET_NAMES
+from cpl_fast.cli.common import (
+    FAILED,
+    USAGE,
+    add_config_files,
+    add_data,
+    add_preset,
+    add_set,
+    errors,
+    fail,
+    layered_config,
+    log,
+    setup_logging,
+)
 from cpl_fast.runs.folder import RunFolderError
 
 if TYPE_CHECKING:
     from cpl_fast.train.report import RunResult
 
+PROG = "cpl-train"
 CONFIG_FILE = "config.yaml"
 RESULT_FILE = "result.json"
 BEFORE_FILE = "eval_before.json"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cpl-train", description="Train CPL / PromptIR models (cpl_fast)")
-    parser.add_argument("--preset", choices=PRESET_NAMES,
-                        help="a shipped recipe (cpl_fast/configs/<preset>.yaml)")
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="YAML file(s) applied after the preset, in order")
-    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
-                        help="override a setting (dotted key, YAML value), e.g. --set optim.lr=1e-4")
-    parser.add_argument("--data", metavar="ROOT", help="data root (same as --set data.root=ROOT)")
+    parser = argparse.ArgumentParser(prog=PROG, description="Train CPL / PromptIR models (cpl_fast)")
+    add_preset(parser, "a shipped recipe (cpl_fast/configs/<preset>.yaml)")
+    add_config_files(parser, "YAML file(s) applied after the preset, in order")
+    add_set(parser, "override a setting (dotted key, YAML value), e.g. --set optim.lr=1e-4")
+    add_data(parser, "data root (same as --set data.root=ROOT)")
     parser.add_argument("--run-dir", metavar="DIR", help="run folder (default runs/<name>-<timestamp>)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in a --run-dir that already holds a run, deleting that run first")
@@ -91,7 +101,7 @@ def _check_names(config: Mapping[str, Any]) -> None:
 
 def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, bool]:
     """The config, the run folder (None: a new one under ``run.root``) and whether to resume."""
-    from cpl_fast.config import load_config, parse_override, read_run_config, set_dotted, validate
+    from cpl_fast.config import read_run_config
     from cpl_fast.runs.checkpoints import CheckpointError
     from cpl_fast.runs.folder import RunLock
 
@@ -101,22 +111,18 @@ def _resolve(args: argparse.Namespace) -> tuple[dict[str, Any], Path | None, boo
         if args.resume:
             run_dir = Path(args.resume)
         else:
-            run_dir = _newest_run(load_config(args.preset, args.config, args.overrides, args.data))
+            run_dir = _newest_run(layered_config(args.preset, args.config, args.data, args.overrides))
         if not (run_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"{run_dir} is not a run folder ({CONFIG_FILE} is missing): "
                                   f"nothing to resume")
         RunLock(run_dir).check_free()  # a running run first: it may not have checkpointed yet
         if not _has_checkpoint(run_dir) and not (run_dir / RESULT_FILE).is_file():
             raise CheckpointError(f"run folder {run_dir} has no checkpoint yet: nothing to resume")
-        config = read_run_config(run_dir / CONFIG_FILE)
-        for text in args.overrides:
-            set_dotted(config, *parse_override(text))
-        if args.data is not None:
-            config["data"]["root"] = args.data
-        validate(config)
+        stored = read_run_config(run_dir / CONFIG_FILE)
+        config = layered_config(None, [], args.data, args.overrides, base=stored)
         _check_names(config)
         return config, run_dir, True
-    config = load_config(args.preset, args.config, args.overrides, args.data)
+    config = layered_config(args.preset, args.config, args.data, args.overrides)
     _check_names(config)
     if args.run_dir is not None:
         return config, Path(args.run_dir), False
@@ -181,7 +187,7 @@ def _claim(config: Mapping[str, Any], run_dir: Path | None, resume: bool, overwr
                                  f"--resume {run_dir} continues it, --overwrite deletes it and starts "
                                  f"afresh; or choose another --run-dir")
         if existing:
-            print(f"--overwrite: deleting the previous run in {run_dir}", flush=True)
+            log.info("--overwrite: deleting the previous run in %s", run_dir)
             clear_run(run_dir)
     except BaseException:
         claim.release(failed=True)
@@ -342,29 +348,23 @@ def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> li
                  f"({config['seed']}). Scores are on full test images under the metric protocol `promptir` "
                  f"(RGB PSNR/SSIM, centre crop to a multiple of 16, padded to the model's multiple)."]
         path = write_report(results, run_dir, title=f"cpl-train report: {config['name']}", notes=notes)
-        print(f"report: {path}")
+        log.info("report: %s", path)
     return results
 
 
 def _errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
     """Refused before training: exit 2. Stopped while training: exit 1 (OSError covers disk full,
     permissions and unreadable images; FloatingPointError a diverged run)."""
-    import yaml
-
-    from cpl_fast.config import ConfigError
-    from cpl_fast.data.layouts import LayoutError
-    from cpl_fast.runs.checkpoints import CheckpointError
     from cpl_fast.train.memory_budget import MemoryBudgetError
     from cpl_fast.train.run_log import MissingLoggerError
 
-    usage = (ConfigError, CheckpointError, LayoutError, RunFolderError, MemoryBudgetError, MissingLoggerError,
-             FileNotFoundError, yaml.YAMLError, UnicodeDecodeError)
-    return usage, (FloatingPointError, OSError)
+    return errors(usage=(MemoryBudgetError, MissingLoggerError), failures=(FloatingPointError, OSError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (see the module docstring)."""
     args = _parser().parse_args(argv)
+    setup_logging()
     started = time.perf_counter()
     from cpl_fast.data.io import error_text
 
@@ -400,12 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise RunFolderError(refused)
         run_dir = Path(where)
         if info.is_main:
-            print(f"run folder: {run_dir}", flush=True)
+            log.info("run folder: %s", run_dir)
         results = run(config, run_dir, resume, info)
         failed = False
     except usage_errors as exc:
-        print(f"cpl-train: error: {error_text(exc)}", file=sys.stderr)
-        return 2
+        return fail(PROG, exc, USAGE)
     except run_errors as exc:
         from cpl_fast.runs.checkpoints import NonFiniteWeightsError
 
@@ -413,8 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, FloatingPointError) and not isinstance(exc, NonFiniteWeightsError):
             text += ("; the run diverged and stopped, its newest checkpoint holds the last saved finite "
                      "weights (lower optim.lr, set optim.grad_clip, or check the data)")
-        print(f"cpl-train: error: {text}", file=sys.stderr)
-        return 1
+        return fail(PROG, text, FAILED)
     finally:
         if claim is not None:
             claim.release(failed)
@@ -423,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if results:
         from cpl_fast.train.report import summary_text
 
-        print(summary_text(results))
-        print(f"total wall time: {time.perf_counter() - started:.0f} s")
+        log.info(summary_text(results))
+        log.info("total wall time: %.0f s", time.perf_counter() - started)
     return 0
 
 
