@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cpl_fast.cli.common import USAGE, errors, fail, log, setup_logging
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -138,6 +140,7 @@ def _verify(path: Path, expected: dict[str, Any], model_config: dict[str, Any]) 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    setup_logging()
     try:
         from cpl_fast.data.io import check_writable_file
         from cpl_fast.models.convert import (
@@ -157,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"the output {args.output} is the source's weights file; write another file")
         loaded = load_model(args.source, _model_section(args, weights, run_config))
         for note in loaded.notes:
-            print(f"note: {note}")
+            log.info(f"note: {note}")
         trained, ema = _companions(loaded, args.no_ema)
         if layout == "lightning":
             written = ema if ema is not None else trained
@@ -171,15 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             which = "trained weights as params, EMA as params_ema" if ema is not None else "weights"
         path = save_converted(converted, args.output, force=args.force,
                               check=lambda tmp: _verify(tmp, expected, loaded.model_config))
-    except (ValueError, TypeError, OSError) as err:
-        from cpl_fast.data.io import error_text
-
-        print(f"cpl-convert: error: {error_text(err)}", file=sys.stderr)
-        return 2
+    except errors(usage=(ValueError, TypeError, OSError))[0] as err:
+        return fail("cpl-convert", err, USAGE)
     for note in converted.notes:
-        print(f"note: {note}")
+        log.info(f"note: {note}")
     model = loaded.model
-    print(f"wrote {path}: {layout} layout, {converted.keys} tensors, {which}; model "
+    log.info(f"wrote {path}: {layout} layout, {converted.keys} tensors, {which}; model "
           f"{loaded.model_config['preset']!r} ({routing_text(getattr(model, 'top_k', None))}, "
           f"{getattr(model, 'num_prompts', '?')} prompts) from {loaded.weights} [{loaded.report.layout}]; "
           f"read back: identical")

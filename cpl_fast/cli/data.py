@@ -13,6 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cpl_fast.cli.common import USAGE, errors, fail, log, setup_logging
 from cpl_fast.data.layouts import LAYOUTS, verify_layout
 
 
@@ -37,19 +38,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 OK, 1 problems found, 2 bad arguments)."""
     args = _parser().parse_args(argv)
+    setup_logging()
     if args.command == "verify":
         try:
             report = verify_layout(args.layout, args.root, args.split, decode=not args.quick,
                                    progress=not args.no_progress)
-        except ValueError as exc:  # a split the layout does not have
-            print(f"cpl-data: error: {exc}", file=sys.stderr)
-            return 2
-        print(report)
+        except errors(usage=(ValueError,))[0] as exc:  # e.g. a split the layout does not have
+            return fail("cpl-data", str(exc), USAGE)
+        log.info(report)
         return 0 if report.ok else 1
     from cpl_fast.data.embedded import materialize  # needs scikit-image's sample images
 
     root = materialize(args.root, seed=args.seed)
-    print(f"wrote the embedded dataset to {root}")
+    log.info(f"wrote the embedded dataset to {root}")
     return 0
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from cpl_fast.cli.common import USAGE, errors, fail, log, setup_logging
 from cpl_fast.data.io import check_writable_file
 from cpl_fast.export._deps import MissingDependency
 from cpl_fast.export.onnx_format import DEFAULT_OPSET
@@ -99,13 +100,13 @@ def _export_onnx(args: argparse.Namespace) -> None:
     config = None if args.model is None else {"preset": args.model, "k": None, "n": None, "overrides": {}}
     loaded = load_model(args.ckpt, config)
     for note in loaded.notes:
-        print(f"note: {note}")
+        log.info(f"note: {note}")
     report = export_onnx(loaded.model, args.output, size, opset=args.opset, routing=args.routing)
     shape = "dynamic H, W" if size is None else f"{size[0]}x{size[1]}"
-    print(f"wrote {report.path}: {loaded.description}, {shape}, opset {report.opset}, "
+    log.info(f"wrote {report.path}: {loaded.description}, {shape}, opset {report.opset}, "
           f"{sum(report.op_types.values())} nodes, {report.seconds:.1f} s")
-    print("ops: " + ", ".join(f"{op} {count}" for op, count in report.op_types.items()))
-    print("outputs: " + ", ".join(report.outputs))
+    log.info("ops: " + ", ".join(f"{op} {count}" for op, count in report.op_types.items()))
+    log.info("outputs: " + ", ".join(report.outputs))
 
 
 def _build_trt(args: argparse.Namespace) -> None:
@@ -119,29 +120,28 @@ def _build_trt(args: argparse.Namespace) -> None:
     precision = "fp16" if args.fp16 else "bf16" if args.bf16 else "fp32"
     build = build_engine(args.onnx, args.output, precision=precision, profile=profile, module=args.module,
                          optimization_level=args.optimization_level, workspace_mib=args.workspace_mib)
-    print(f"wrote {build.engine} ({build.engine_bytes / 2**20:.1f} MiB) with {build.module} "
+    log.info(f"wrote {build.engine} ({build.engine_bytes / 2**20:.1f} MiB) with {build.module} "
           f"{build.tensorrt_version}, {precision}, {build.layers} layers, {build.build_seconds:.1f} s")
     for t in build.tensors:
-        print(f"  {t.mode:6s} {t.name}: {t.dtype} {list(t.shape)}")
+        log.info(f"  {t.mode:6s} {t.name}: {t.dtype} {list(t.shape)}")
     if build.profile is not None:
-        print(f"  profile: min {list(build.profile.min)}, opt {list(build.profile.opt)}, "
+        log.info(f"  profile: min {list(build.profile.min)}, opt {list(build.profile.opt)}, "
               f"max {list(build.profile.max)}")
         if profile is None:
-            print("  the graph fixes C, H and W: built for batch 1 (--min/--opt/--max for larger batches)")
+            log.info("  the graph fixes C, H and W: built for batch 1 (--min/--opt/--max for larger batches)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    setup_logging()
     try:
         if args.command == "onnx":
             _export_onnx(args)
         else:
             _build_trt(args)
-    except (ValueError, TypeError, OSError, MissingDependency, OnnxParseError, RuntimeError) as err:
-        from cpl_fast.data.io import error_text
-
-        print(f"cpl-export {args.command}: error: {error_text(err)}", file=sys.stderr)
-        return 2
+    except errors(usage=(ValueError, TypeError, OSError, MissingDependency, OnnxParseError,
+                         RuntimeError))[0] as err:
+        return fail(f"cpl-export {args.command}", err, USAGE)
     return 0
 
 
