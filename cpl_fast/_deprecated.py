@@ -24,6 +24,19 @@ MOVED = {
     "cpl_fast.eval.metrics": "cpl_fast.metrics.image",
     "cpl_fast.eval.protocols": "cpl_fast.metrics.protocols",
     "cpl_fast.eval.health": "cpl_fast.metrics.routing",
+    # the training steps
+    "cpl_fast.train.literal_step": "cpl_fast.train.steps.literal",
+    "cpl_fast.train.loop_step": "cpl_fast.train.steps.loop",
+    "cpl_fast.train.fast_step": "cpl_fast.train.steps.fast",
+    "cpl_fast.train.step_inputs": "cpl_fast.train.steps.inputs",
+    "cpl_fast.train.step_output": "cpl_fast.train.steps.output",
+    # the commands
+    "cpl_fast.train.cli": "cpl_fast.cli.train",
+    "cpl_fast.eval.cli": "cpl_fast.cli.eval",
+    "cpl_fast.export.cli": "cpl_fast.cli.export",
+    "cpl_fast.data.cli": "cpl_fast.cli.data",
+    "cpl_fast.convert_cli": "cpl_fast.cli.convert",
+    "cpl_fast.info": "cpl_fast.cli.info",
 }
 
 
