@@ -47,7 +47,7 @@ from cpl_fast.losses import CPRLoss, PerceptualFeatures
 from cpl_fast.models import build_model, map_state
 from cpl_fast.models.spm import Routing
 from cpl_fast.train import MismatchedExperts, fast_cpl_step, loop_cpl_step
-from cpl_fast.train.trainer import l1_step
+from cpl_fast.train.steps import l1_step
 
 M = 4
 # name: model preset, features, crop, batch, CPR form

@@ -6,7 +6,6 @@ the global batch, so the samples and negatives are the same too. float64 makes t
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -38,18 +37,11 @@ def _finish(process: subprocess.Popen) -> None:
 
 def _args(run_dir: Path, objective: str, batch: int) -> list[str]:
     sets = SETTINGS + [f"objective={objective}", f"data.batch={batch}"]
-    return ["-m", "cpl_fast.train.cli", "--preset", "demo", "--run-dir", str(run_dir),
+    return ["-m", "cpl_fast.cli.train", "--preset", "demo", "--run-dir", str(run_dir),
             *[item for s in sets for item in ("--set", s)]]
 
 
-def _fast_available() -> bool:
-    return importlib.util.find_spec("cpl_fast.train.fast_step") is not None
-
-
-@pytest.mark.parametrize("objective", [
-    "l1", "loop",
-    pytest.param("fast", marks=pytest.mark.skipif(not _fast_available(), reason="no fast_cpl_step")),
-])
+@pytest.mark.parametrize("objective", ["l1", "loop", "fast"])
 def test_two_gloo_processes_equal_one_with_the_doubled_batch(tmp_path, objective):
     # Both jobs at once: most of their time is start-up.
     ddp_job = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",

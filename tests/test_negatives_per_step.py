@@ -16,8 +16,8 @@ from test_fast_step import assert_same_step, make_batch, make_model, max_relativ
 
 from cpl_fast.losses import CPRLoss, PerceptualFeatures
 from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step
-from cpl_fast.train.fast_step import draw_negative_subset
-from cpl_fast.train.trainer import StepContext, StepModule
+from cpl_fast.train.steps.fast import draw_negative_subset
+from cpl_fast.train.steps.runner import StepContext, StepModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

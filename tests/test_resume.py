@@ -26,7 +26,7 @@ SETTINGS = ["objective=loop", "cpr.sampler=other_task", "cpr.m=2", "ema.enabled=
 
 
 def _command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cpl_fast.train.cli", *args]
+    return [sys.executable, "-m", "cpl_fast.cli.train", *args]
 
 
 def _env() -> dict[str, str]:

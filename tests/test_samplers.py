@@ -179,3 +179,15 @@ def test_build_sampler():
     assert isinstance(build_negative_sampler("other_task", num_tasks=3, memory_size=4), OtherTask)
     with pytest.raises(ValueError, match="unknown negative sampler 'random'"):
         build_negative_sampler("random")
+
+
+def test_every_sampler_says_whether_it_draws_level_by_level():
+    """The fast step's one-pass decode relies on ``draws_by_level``; a sampler that cannot draw one
+    level alone refuses ``sample_level`` instead of drawing something the full call would not."""
+    samplers = {"mismatched_experts": MismatchedExperts(5), "other_task": OtherTask(3)}
+    assert set(samplers) == set(NEGATIVE_SAMPLERS)
+    assert samplers["mismatched_experts"].draws_by_level and not samplers["other_task"].draws_by_level
+    routing = make_routings(3, 5, 2, 1)[0]
+    assert len(samplers["mismatched_experts"].sample_level(0, routing, 2)) == 2
+    with pytest.raises(NotImplementedError, match="every prompt level"):
+        samplers["other_task"].sample_level(0, routing, 2, task_ids=torch.tensor([0, 1, 2]))

@@ -1,13 +1,14 @@
 """The trainer on the embedded data: a few steps per objective, checkpoints, TensorBoard, errors, the demo."""
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 
+from cpl_fast.cli.train import main
 from cpl_fast.config import ConfigError, load_config
 from cpl_fast.data import EvalDataset, LayoutError, TrainDataset, embedded_pairs, write_png
 from cpl_fast.data.sources import DataSourceError, data_sources
@@ -15,7 +16,6 @@ from cpl_fast.eval import entropy_bits, evaluate
 from cpl_fast.models import build_model
 from cpl_fast.runs import checkpoints as checkpointing
 from cpl_fast.runs.checkpoints import CheckpointError, latest_checkpoint, read_checkpoint
-from cpl_fast.train.cli import main
 from cpl_fast.train.trainer import STEPS, Trainer, l1_step, resolve_objective
 
 
@@ -108,6 +108,27 @@ def test_accumulation_ema_and_clipping_run(tmp_path):
         assert torch.equal(ema.state_dict()[key], value)
 
 
+def test_messages_go_to_the_train_logger_and_the_log_file(tmp_path):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("cpl_fast.train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        config = small_config("objective=l1", "train.iterations=1", "logging.tensorboard=false")
+        Trainer(config, tmp_path).fit()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    messages = [record.getMessage() for record in records]
+    assert messages[0].startswith("step 1/1 loss") and messages[-1].startswith("checkpoint ")
+    # train.log: the same messages, each after a "YYYY-MM-DD HH:MM:SS " timestamp.
+    lines = (tmp_path / "train.log").read_text(encoding="utf-8").splitlines()
+    assert [line[20:] for line in lines] == messages
+
+
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     trainer = Trainer(small_config("objective=l1", "train.iterations=2"), tmp_path, log=lambda m: None)
     trainer.fit()
@@ -192,20 +213,10 @@ def test_l1_step_is_the_mean_absolute_error():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_step_registry_and_fast_resolution(monkeypatch):
+def test_step_registry_and_objective_resolution():
     assert set(STEPS) == {"literal", "loop", "fast", "l1"}
     assert resolve_objective("loop")[0] == "loop" and resolve_objective("l1")[1] is l1_step
-    real_import = importlib.import_module
-
-    def no_fast(name, *args):
-        if name == "cpl_fast.train.fast_step":
-            raise ImportError("no module named cpl_fast.train.fast_step")
-        return real_import(name, *args)
-
-    monkeypatch.setattr(importlib, "import_module", no_fast)
-    with pytest.raises(ConfigError, match="objective 'fast' needs cpl_fast.train.fast_step"):
-        resolve_objective("fast")
-    assert resolve_objective("auto")[0] == "loop"
+    assert resolve_objective("auto") == ("fast", STEPS["fast"])
     with pytest.raises(ConfigError, match="unknown objective"):
         resolve_objective("l2")
 

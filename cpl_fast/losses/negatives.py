@@ -10,6 +10,12 @@ negatives, each a per-level list of ``Routing(indices (B, k), weights (B, k), pr
 detached (a negative's routing is a fixed input, not something the loss should move). Randomness
 comes only from ``generator`` (a ``torch.Generator``; the global generator when None), so a seeded
 generator reproduces the draw.
+
+Every sampler also has ``sample_level(level, routing, m, task_ids=None, generator=None)``, the ``m``
+negatives of one prompt level, and ``draws_by_level``: whether calling ``sample_level`` for levels
+``0, 1, ...`` in turn draws what one full call draws. A step that routes level by level (the fast
+step's one-pass decode) needs that; a sampler whose negatives tie the levels together (``OtherTask``
+takes every level of one other sample) says False and is only called whole.
 """
 from __future__ import annotations
 
@@ -23,8 +29,13 @@ from cpl_fast.models.spm import Routing
 
 
 class NegativeSampler(Protocol):
+    draws_by_level: bool
+
     def __call__(self, routings: Sequence[Routing], m: int, task_ids: torch.Tensor | None = None,
                  generator: torch.Generator | None = None) -> list[list[Routing]]: ...
+
+    def sample_level(self, level: int, routing: Routing, m: int, task_ids: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> list[Routing]: ...
 
 
 def _check_routings(routings: Sequence[Routing]) -> int:
@@ -64,6 +75,8 @@ class MismatchedExperts:
     relabelling of the experts, each expert receiving another's probability. Needs ``m <= n - 1``.
     Shifts are drawn independently per level and per sample.
     """
+
+    draws_by_level = True
 
     def __init__(self, num_prompts: int) -> None:
         if not isinstance(num_prompts, int) or num_prompts < 2:
@@ -132,6 +145,9 @@ class OtherTask:
     ``last_negative_tasks`` ``(B, m)`` holds the tasks of the last draw (for task-similarity
     weights, see ``cpl_fast.losses.negative_weights_from_similarity``).
     """
+
+    # The sample a negative copies is chosen once for all levels, so no level can be drawn alone.
+    draws_by_level = False
 
     def __init__(self, num_tasks: int, memory_size: int = 16) -> None:
         if not isinstance(num_tasks, int) or num_tasks < 2:
@@ -203,6 +219,13 @@ class OtherTask:
         self.last_negative_tasks = chosen_tasks
         self._remember(routings, tasks)
         return negatives
+
+    def sample_level(self, level: int, routing: Routing, m: int, task_ids: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> list[Routing]:
+        """Not available (``draws_by_level`` is False): a negative copies every level of one other
+        sample, so call the sampler with all levels."""
+        raise NotImplementedError("other_task negatives take every prompt level of one other sample; "
+                                  "call the sampler with the routings of all levels")
 
     def _check_task_ids(self, task_ids: torch.Tensor | None, batch: int) -> list[int]:
         if task_ids is None:

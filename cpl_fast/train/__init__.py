@@ -3,11 +3,11 @@ from cpl_fast._lazy import lazy_exports
 
 # Imported on first use: a command's --help must not wait for torch.
 _MODULES = {
-    "cpl_fast.train.fast_step": ("fast_cpl_step",),
-    "cpl_fast.train.literal_step": ("literal_cpl_step",),
-    "cpl_fast.train.loop_step": ("loop_cpl_step",),
+    "cpl_fast.train.steps.fast": ("fast_cpl_step",),
+    "cpl_fast.train.steps.literal": ("literal_cpl_step",),
+    "cpl_fast.train.steps.loop": ("loop_cpl_step",),
     "cpl_fast.losses.negatives": ("MismatchedExperts", "NegativeSampler", "OtherTask"),
-    "cpl_fast.train.step_output": ("CPLStepOutput",),
+    "cpl_fast.train.steps.output": ("CPLStepOutput",),
     "cpl_fast.config": ("ConfigError", "load_config"),
     "cpl_fast.train.trainer": ("STEPS", "Trainer", "l1_step", "resolve_objective"),
 }

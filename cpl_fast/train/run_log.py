@@ -1,8 +1,10 @@
 """Where a run reports: messages (console and ``train.log``) and metrics (TensorBoard, W&B).
 
-* ``RunLog``: every message goes to the console through ``tqdm.write`` (so a progress bar is cleared
-  and redrawn around it, never glued to it) and, once the run folder exists, to ``RUN/train.log``
-  with a timestamp. Messages from before the folder exists are kept and written first.
+* ``RunLog``: the one thing the trainer reports to. Every message goes to the console, by default
+  through the ``cpl_fast.train`` logger (``log_message``; the commands install its handler), with any
+  progress bar cleared and redrawn around it, never glued to it; and, once the run folder exists, to
+  ``RUN/train.log`` with a timestamp. Messages from before the folder exists are kept and written
+  first. Its ``scalars``, ``images`` and ``close`` forward to the metric sinks opened with the folder.
 * ``MetricSinks``: scalars, text and images to TensorBoard and/or W&B behind one interface.
 * ``check_metric_backends``: the optional packages the config asks for are importable; called before
   anything of the run is created, so a missing ``wandb`` leaves no half-made run folder.
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +21,8 @@ from typing import Any
 
 LOG_FILE = "train.log"
 TENSORBOARD_DIR = "tensorboard"
+LOGGER = "cpl_fast.train"
+logger = logging.getLogger(LOGGER)
 
 
 class MissingLoggerError(ValueError):
@@ -41,14 +46,24 @@ def console_echo(message: str) -> None:
     tqdm.write(message, file=sys.stdout)
 
 
-class RunLog:
-    """A callable taking one message. ``echo``: the console (``None``: silent); ``file_only=True`` in a
-    call writes the message to ``train.log`` alone (the per-step lines while a bar shows progress)."""
+def log_message(message: str) -> None:
+    """``message`` at INFO on the ``cpl_fast.train`` logger, with progress bars cleared around it."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, echo: Callable[[str], None] | None = console_echo) -> None:
+    with tqdm.external_write_mode(file=sys.stdout):
+        logger.info(message)
+
+
+class RunLog:
+    """A callable taking one message. ``echo``: the console (``None``: silent; a callable receives each
+    message instead of the logger); ``file_only=True`` in a call writes the message to ``train.log``
+    alone (the per-step lines while a bar shows progress)."""
+
+    def __init__(self, echo: Callable[[str], None] | None = log_message) -> None:
         self.echo = echo
         self.path: Path | None = None
         self._pending: list[str] = []
+        self.sinks: MetricSinks | None = None
 
     def __call__(self, message: str, file_only: bool = False) -> None:
         if self.echo is not None and not file_only:
@@ -67,6 +82,24 @@ class RunLog:
         pending, self._pending = self._pending, []
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.writelines(pending)
+
+    def open_metrics(self, config: Mapping[str, Any], run_dir: Path, step: int, enabled: bool = True) -> None:
+        """Open the TensorBoard / W&B sinks the config enables (none where ``enabled`` is False)."""
+        self.sinks = MetricSinks(config, Path(run_dir), step, enabled=enabled)
+
+    def scalars(self, values: Mapping[str, float], step: int, group: Callable[[str], str]) -> None:
+        if self.sinks is not None:
+            self.sinks.scalars(values, step, group)
+
+    def images(self, images: Mapping[str, Any], step: int) -> None:
+        if self.sinks is not None:
+            self.sinks.images(images, step)
+
+    def close(self) -> None:
+        """Close the metric sinks; messages still reach the console and ``train.log``."""
+        if self.sinks is not None:
+            self.sinks.close()
+            self.sinks = None
 
 
 class MetricSinks:

@@ -1,4 +1,4 @@
-"""Learning-rate schedules, per optimiser step.
+"""The optimiser and its learning-rate schedule, per optimiser step.
 
 PromptIR trains 150 epochs with a linear warm-up over the first 15 epochs and a cosine decay after
 (``LinearWarmupCosineAnnealingLR``, stepped per epoch). Here the same shape is laid over the run's
@@ -8,6 +8,8 @@ run keeps the recipe's proportions. The factor multiplies the optimiser's base l
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -70,3 +72,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, name: str, total: int, war
         raise ValueError(f"schedule.min_lr={min_lr} exceeds the learning rate {base}")
     warmup = warmup_iterations(warmup_epochs, schedule_epochs, total)
     return LambdaLR(optimizer, WarmupCosine(warmup, total, floor), last_epoch=start - 1)
+
+
+def build_optimizer(config: Mapping[str, Any], params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The config's ``optim`` section: ``adamw`` or ``adam`` over ``params``."""
+    optim = config["optim"]
+    cls = torch.optim.AdamW if optim["name"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=optim["lr"], betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])

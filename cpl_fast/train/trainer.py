@@ -2,32 +2,30 @@
 
 ``Trainer(config, run_dir)`` builds everything by name from a validated config (see
 ``cpl_fast.config``); ``fit()`` trains to the configured number of optimiser steps. The
-objective is a step function from ``STEPS`` (``literal``, ``loop``, ``fast``: the CPL steps; ``l1``:
-plain L1, for the dense and sparse baselines without CPR), all with the signature
-``step(model, batch, features, cpr_loss, sampler, m, generator) -> CPLStepOutput``.
+objective is a step function from ``cpl_fast.train.steps.STEPS`` (``literal``, ``loop``, ``fast``:
+the CPL steps; ``l1``: plain L1, for the dense and sparse baselines without CPR).
 
 Reproducibility: the batches come from ``TaskBalancedSampler`` (a function of seed, epoch and
 position), the negatives from a dedicated ``torch.Generator``, so a run restarted from a checkpoint
-with ``resume=True`` replays exactly what the uninterrupted run would have done.
+with ``resume=True`` replays exactly what the uninterrupted run would have done
+(``cpl_fast.train.rng_state`` lists what a checkpoint keeps for that).
 
-Distributed (``torchrun``): each process takes every ``world_size``-th sample of the same stream;
-the step runs inside DDP's forward (a wrapper module), so DDP sees one forward per backward and
-averages gradients. Negatives are drawn for the global batch (routings and task ids are gathered)
-with the same generator on every rank, so ``N`` processes with batch ``b`` compute what one process
-with batch ``N b`` computes.
+Distributed (``torchrun``, ``cpl_fast.train.distributed``): the step runs inside DDP's forward (a
+wrapper module, ``cpl_fast.train.steps.runner``), so DDP sees one forward per backward and averages
+gradients; negatives are drawn for the global batch.
+
+Messages go to the ``cpl_fast.train`` logger and ``RUN/train.log``, metrics to TensorBoard and W&B,
+all through one ``RunLog`` (``cpl_fast.train.run_log``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import math
-import os
 import random
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cpl_fast import memory
-from cpl_fast.config import ConfigError, model_k_n, router_balance
+from cpl_fast.config import ConfigError, router_balance
 from cpl_fast.data import (
     EvalDataset,
     TaskBalancedSampler,
@@ -47,223 +45,32 @@ from cpl_fast.data import (
     worker_init_fn,
 )
 from cpl_fast.data.sources import data_sources
-from cpl_fast.losses import CPRLoss, build_features
-from cpl_fast.losses.negatives import OtherTask, build_negative_sampler
+from cpl_fast.losses import build_features, build_loss
+from cpl_fast.losses.negatives import build_negative_sampler
 from cpl_fast.metrics.protocols import average
 from cpl_fast.metrics.routing import prompt_gap_db
 from cpl_fast.models import Routing
 from cpl_fast.models.registry import model_from_config
 from cpl_fast.runs.checkpoints import load_newest_checkpoint, save_best, save_checkpoint
+from cpl_fast.train.distributed import DistInfo, GlobalBatchSampler, init_distributed, resolve_device
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.health import TrainingHealth
-from cpl_fast.train.literal_step import literal_cpl_step
-from cpl_fast.train.loop_step import loop_cpl_step
+from cpl_fast.train.progress import BarPostfix, log_group, step_line
+from cpl_fast.train.rng_state import capture_rng, capture_trainer_state, restore_rng, restore_trainer_state
 from cpl_fast.train.router_balance import load_balancing_loss, update_route_bias
-from cpl_fast.train.run_log import MetricSinks, RunLog, console_echo
-from cpl_fast.train.schedule import build_scheduler
-from cpl_fast.train.step_inputs import unpack_batch
-from cpl_fast.train.step_output import CPLStepOutput
+from cpl_fast.train.run_log import RunLog, log_message
+from cpl_fast.train.schedule import build_optimizer, build_scheduler
+from cpl_fast.train.steps import STEPS, StepFn, l1_step, resolve_objective
+from cpl_fast.train.steps.output import CPLStepOutput
+from cpl_fast.train.steps.runner import StepContext, StepModule
 
-StepFn = Callable[..., CPLStepOutput]
-
-
-# --------------------------------------------------------------------------------- step registry
-
-def l1_step(model: nn.Module, batch: Sequence, features: nn.Module | None = None,
-            cpr_loss: nn.Module | None = None, sampler: Any = None, m: int = 0,
-            generator: torch.Generator | None = None) -> CPLStepOutput:
-    """Plain L1 restoration loss (no CPR): the objective of the dense and sparse baselines."""
-    degraded, target, _ = unpack_batch(batch)
-    restored, routing = model(degraded, return_routing=True)
-    l1 = (restored - target).abs().mean()
-    zero = l1.new_zeros(())
-    empty = l1.new_zeros(degraded.shape[0])
-    return CPLStepOutput(loss=l1, l1=l1, cpr=zero, l_pos=empty, l_neg=empty, restored=restored,
-                         routing=list(routing), negatives=[])
-
-
-def _fast_step() -> StepFn:
-    try:
-        module = importlib.import_module("cpl_fast.train.fast_step")
-        return module.fast_cpl_step
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"objective 'fast' needs cpl_fast.train.fast_step.fast_cpl_step, which is not "
-                          f"available ({exc}); use objective loop or literal") from exc
-
-
-# Resolvers, so an objective whose module is missing fails only when it is asked for.
-STEPS: dict[str, Callable[[], StepFn]] = {
-    "literal": lambda: literal_cpl_step,
-    "loop": lambda: loop_cpl_step,
-    "fast": _fast_step,
-    "l1": lambda: l1_step,
-}
-
-
-def resolve_objective(name: str) -> tuple[str, StepFn]:
-    """``(name, step)``; ``auto`` is ``fast`` when its module imports, else ``loop`` (the name says which)."""
-    if name == "auto":
-        try:
-            return "fast", _fast_step()
-        except ConfigError:
-            return "loop", loop_cpl_step
-    if name not in STEPS:
-        raise ConfigError(f"unknown objective {name!r}; choose one of {', '.join(STEPS)} or auto")
-    return name, STEPS[name]()
-
-
-HEALTH_KEYS = ("prompt_gap", "grad_ratio", "router_aux")
-
-
-def _log_group(key: str) -> str:
-    """``health`` for the training-health signals, ``train`` for the losses and rates."""
-    return "health" if key in HEALTH_KEYS or key.startswith(("usage_entropy_l", "task_info_l")) else "train"
-
-
-# ----------------------------------------------------------------------------------- distributed
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(use_cuda: bool) -> DistInfo:
-    """Join the process group ``torchrun`` describes in the environment (NCCL on GPUs, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return DistInfo()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank talks from its own GPU
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world_size, local_rank)
-
-
-class GlobalBatchSampler:
-    """Draws negatives for the global batch of a DDP job and returns this rank's rows.
-
-    Routings (detached) and task ids of every rank are gathered and put in the order one process
-    would see them (rank ``r``'s row ``i`` is global row ``i * world_size + r``, as the data sampler
-    interleaves); every rank calls the wrapped sampler with the same generator state on the same
-    global batch, so all ranks draw the same negatives, and the same as one process would.
-    """
-
-    def __init__(self, inner: Any, info: DistInfo) -> None:
-        self.inner, self.info = inner, info
-        if hasattr(inner, "sample_level"):
-            self.sample_level = self._sample_level
-
-    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(self.info.world_size)]
-        dist.all_gather(parts, tensor.detach().contiguous())
-        # (W, b, ...) -> (b, W, ...) -> (b W, ...): interleaved like the data sampler's shards.
-        return torch.stack(parts).transpose(0, 1).reshape(-1, *tensor.shape[1:])
-
-    def _gather_routing(self, routing: Routing) -> Routing:
-        probs = None if routing.probs is None else self._gather(routing.probs)
-        return Routing(self._gather(routing.indices), self._gather(routing.weights), probs)
-
-    def _mine(self, routing: Routing) -> Routing:
-        r, w = self.info.rank, self.info.world_size
-        probs = None if routing.probs is None else routing.probs[r::w]
-        return Routing(routing.indices[r::w], routing.weights[r::w], probs)
-
-    def __call__(self, routings: Sequence[Routing], m: int, task_ids: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None) -> list[list[Routing]]:
-        tasks = None if task_ids is None else self._gather(task_ids)
-        gathered = [self._gather_routing(r) for r in routings]
-        negatives = self.inner(gathered, m, task_ids=tasks, generator=generator)
-        return [[self._mine(r) for r in negative] for negative in negatives]
-
-    def _sample_level(self, level: int, routing: Routing, m: int, task_ids: torch.Tensor | None = None,
-                      generator: torch.Generator | None = None) -> list[Routing]:
-        tasks = None if task_ids is None else self._gather(task_ids)
-        negatives = self.inner.sample_level(level, self._gather_routing(routing), m, task_ids=tasks,
-                                            generator=generator)
-        return [self._mine(r) for r in negatives]
-
-
-class StepModule(nn.Module):
-    """The model with its objective as ``forward``: DDP wraps one whole step (one forward, one backward)."""
-
-    def __init__(self, model: nn.Module, step: StepFn) -> None:
-        super().__init__()
-        self.model = model
-        self.step = step
-
-    def forward(self, batch: Sequence, context: StepContext) -> CPLStepOutput:
-        if context.l1_only or context.cpr_loss is None:
-            return l1_step(self.model, batch)
-        extra = {} if context.neg_chunk is None else {"neg_chunk": context.neg_chunk}
-        if context.neg_grad != "all":
-            extra["neg_grad"] = context.neg_grad
-        if context.negatives_per_step is not None:
-            extra["negatives_per_step"] = context.negatives_per_step
-        return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
-                         sampler=context.sampler, m=context.m, generator=context.generator, **extra)
-
+# Kept importable from here: the commands and older callers read them from this module.
+__all__ = ["STEPS", "DistInfo", "GlobalBatchSampler", "StepContext", "StepFn", "StepModule", "Trainer",
+           "Validate", "capture_rng", "init_distributed", "l1_step", "resolve_device", "resolve_objective",
+           "restore_rng"]
 
 # validate(model) -> {"scores": {task: scores}, "images": {name: (3, H, W) tensor}}; see Trainer.fit.
 Validate = Callable[[nn.Module], Mapping[str, Any]]
-
-
-@dataclass
-class StepContext:
-    """What a step needs besides the model and the batch (kept out of DDP's module tree)."""
-
-    features: nn.Module | None
-    cpr_loss: nn.Module | None
-    sampler: Any
-    m: int
-    generator: torch.Generator
-    neg_chunk: int | None = None  # objective fast only
-    neg_grad: str = "all"         # where the negatives' gradient goes (cpl_fast.train.negative_grad)
-    l1_only: bool = False         # CPR warm-up: this step is plain L1
-    negatives_per_step: int | None = None  # objective fast only: negatives decoded per step
-
-
-# ------------------------------------------------------------------------------------------ data
-
-# --------------------------------------------------------------------------------------- trainer
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r} but CUDA is not available")
-        if name == "cuda":
-            return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-    return torch.device(name)
-
-
-def capture_rng() -> dict[str, Any]:
-    """Global RNG states: torch CPU (and CUDA), numpy, Python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Trainer:
@@ -271,46 +78,68 @@ class Trainer:
     newest checkpoint of ``run_dir`` exactly."""
 
     def __init__(self, config: Mapping[str, Any], run_dir: str | Path, resume: bool = False,
-                 info: DistInfo | None = None, log: Callable[[str], None] | None = console_echo) -> None:
+                 info: DistInfo | None = None, log: Callable[[str], None] | None = log_message) -> None:
+        """``log``: where messages go besides ``RUN/train.log``: the ``cpl_fast.train`` logger by
+        default, None for nowhere, or any callable taking one message."""
         self.config = config
         self.run_dir = Path(run_dir)
         self.info = info or DistInfo()
-        # Messages go to ``log`` (the console by default; None: silent) and to RUN/train.log (rank 0).
         self.log = RunLog(log if self.info.is_main else None)
+        # The order matters: the device before anything is placed on it, the seed before anything
+        # random (data, weights, features), the model before what reads it (sampler, optimiser), the
+        # run's length before the schedule, and every part before the checkpoint is read into it.
+        self._build_device()
+        self.objective, step = resolve_objective(config["objective"])
+        self._seed()
+        self._build_data()
+        self.model = self._build_model()
+        self.ema = EMA(self.model, config["ema"]["decay"]) if config["ema"]["enabled"] else None
+        self.context = self._build_context()
+        self.step_module, self.runner = self._build_runner(step)
+        self.optimizer = build_optimizer(config, self.model.parameters())
+        self.total_steps = self._total_steps()
+        self.scheduler = self._build_scheduler()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config["amp"] == "fp16")
+        self._init_records()
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------------------ building
+
+    def _build_device(self) -> None:
+        config = self.config
         if config["threads"] is not None:
             torch.set_num_threads(config["threads"])
         self.device = resolve_device(config["device"], self.info)
         if config["amp"] != "none" and self.device.type != "cuda":
             raise ConfigError(f"amp={config['amp']} needs a CUDA GPU; this run is on {self.device}")
         self.dtype = torch.float64 if config["precision"] == "float64" else torch.float32
-        self.objective, step = resolve_objective(config["objective"])
-        seed = config["seed"]
+
+    def _seed(self) -> None:
+        seed = self.config["seed"]
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
 
-        self._build_data()
-        self.model = self._build_model().to(self.device, self.dtype)
-        self.ema = EMA(self.model, config["ema"]["decay"]) if config["ema"]["enabled"] else None
-        self.context = self._build_context()
-        self.step_module = StepModule(self.model, step)
-        self.runner: nn.Module = self.step_module
-        if self.info.enabled:
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    def _build_runner(self, step: StepFn) -> tuple[StepModule, nn.Module]:
+        """The step as a module, and what runs it: the module itself, or its DDP wrapper in a job."""
+        step_module = StepModule(self.model, step)
+        if not self.info.enabled:
+            return step_module, step_module
+        from torch.nn.parallel import DistributedDataParallel as DDP
 
-            device_ids = [self.device.index] if self.device.type == "cuda" else None
-            # No find_unused_parameters: each prompt bank is one parameter, so every parameter gets a
-            # gradient at every step.
-            self.runner = DDP(self.step_module, device_ids=device_ids)
-        optim = config["optim"]
-        cls = torch.optim.AdamW if optim["name"] == "adamw" else torch.optim.Adam
-        self.optimizer = cls(self.model.parameters(), lr=optim["lr"], betas=tuple(optim["betas"]),
-                             weight_decay=optim["weight_decay"])
-        self.total_steps = self._total_steps()
-        sched = config["schedule"]
-        self.scheduler = build_scheduler(self.optimizer, sched["name"], self.total_steps,
-                                         sched["warmup_epochs"], sched["schedule_epochs"], sched["min_lr"])
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config["amp"] == "fp16")
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # No find_unused_parameters: each prompt bank is one parameter, so every parameter gets a
+        # gradient at every step.
+        return step_module, DDP(step_module, device_ids=device_ids)
+
+    def _build_scheduler(self, start: int = 0):
+        sched = self.config["schedule"]
+        return build_scheduler(self.optimizer, sched["name"], self.total_steps, sched["warmup_epochs"],
+                               sched["schedule_epochs"], sched["min_lr"], start=start)
+
+    def _init_records(self) -> None:
+        """The run's position and records, all empty at the start (a checkpoint fills them on resume)."""
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.history: list[dict[str, float]] = []
         # alpha / tau set from the first CPR batch (cpr.alpha_relative, logistic tau: null): saved with
@@ -320,10 +149,6 @@ class Trainer:
         self.best: dict[str, float] | None = None         # checkpoint.keep_best: the best validation
         self.health = TrainingHealth(self.model, self.config, self.log)
         self._iterator = None
-        if resume:
-            self._resume()
-
-    # ------------------------------------------------------------------------------ building
 
     def _build_data(self) -> None:
         data = self.config["data"]
@@ -362,7 +187,7 @@ class Trainer:
         return memory.cpu_caching()
 
     def _build_model(self) -> nn.Module:
-        return model_from_config(self.config["model"])
+        return model_from_config(self.config["model"]).to(self.device, self.dtype)
 
     def _build_context(self) -> StepContext:
         cpr = self.config["cpr"]
@@ -370,13 +195,14 @@ class Trainer:
         if self.objective == "l1":
             return StepContext(None, None, None, 0, generator)
         features = build_features(cpr["features"], **cpr["feature_options"]).to(self.device, self.dtype)
-        cpr_loss = CPRLoss(alpha=cpr["alpha"], form=cpr["form"], distance=cpr["distance"],
-                           anchor_grad=cpr["anchor_grad"], margin=cpr["margin"], tau=cpr["tau"])
-        _, n = model_k_n(self.config)
+        cpr_loss = build_loss({"type": "cpr", "alpha": cpr["alpha"], "form": cpr["form"],
+                               "distance": cpr["distance"], "anchor_grad": cpr["anchor_grad"],
+                               "margin": cpr["margin"], "tau": cpr["tau"]})
         if cpr["sampler"] == "other_task":
-            sampler = build_negative_sampler("other_task", num_tasks=self.num_tasks, memory_size=cpr["memory_size"])
+            sampler = build_negative_sampler("other_task", num_tasks=self.num_tasks,
+                                             memory_size=cpr["memory_size"])
         else:
-            sampler = build_negative_sampler("mismatched_experts", num_prompts=n)
+            sampler = build_negative_sampler("mismatched_experts", num_prompts=self.model.num_prompts)
         self.negative_sampler = sampler
         if self.info.enabled:
             sampler = GlobalBatchSampler(sampler, self.info)
@@ -396,20 +222,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ state
 
-    def _sampler_memory(self) -> Any:
-        sampler = getattr(self, "negative_sampler", None)
-        if isinstance(sampler, OtherTask):
-            return [list(entries) for entries in sampler.memory]
-        return None
-
     def trainer_state(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": capture_rng(),
-                "negative_generator": self.context.generator.get_state(),
-                "loader_generator": self.loader_generator.get_state(),
-                "sampler_memory": self._sampler_memory(), "history": self.history,
-                "cpr_calibration": dict(self.cpr_calibration), "health": self.health.state_dict(),
-                "validations": list(self.validations), "best": self.best}
+        return capture_trainer_state(self)
 
     def info_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
@@ -442,19 +256,7 @@ class Trainer:
         saved_total = info.get("total_steps", self.total_steps)
         if saved_total != self.total_steps and self.step < self.total_steps:
             self._relay_schedule(saved_total)
-        self.scaler.load_state_dict(state["scaler"])
-        self.context.generator.set_state(state["negative_generator"])
-        self.loader_generator.set_state(state["loader_generator"])
-        if state["sampler_memory"] is not None:
-            for entries, saved in zip(self.negative_sampler.memory, state["sampler_memory"], strict=True):
-                entries.clear()
-                entries.extend(tuple((i.to(self.device), w.to(self.device)) for i, w in row) for row in saved)
-        self.history = list(state["history"])
-        self.cpr_calibration = dict(state.get("cpr_calibration") or {})
-        self.health.load_state_dict(state.get("health") or {})
-        self.validations = list(state.get("validations") or [])
-        self.best = state.get("best")
-        restore_rng(state["rng"])
+        restore_trainer_state(self, state)
         self.log(f"resumed {self.run_dir} at step {self.step} "
                  f"(epoch {self.epoch}, batch {self.batches_in_epoch})")
 
@@ -463,9 +265,7 @@ class Trainer:
         length and continues from the current step (the warm-up, long done, is not repeated)."""
         sched = self.config["schedule"]
         before = self.scheduler.get_last_lr()[0]
-        self.scheduler = build_scheduler(self.optimizer, sched["name"], self.total_steps,
-                                         sched["warmup_epochs"], sched["schedule_epochs"], sched["min_lr"],
-                                         start=self.step)
+        self.scheduler = self._build_scheduler(start=self.step)
         self.log(f"the run was {saved_total} steps long and is now {self.total_steps}: the {sched['name']} "
                  f"schedule is laid over {self.total_steps} steps and continues at step {self.step} "
                  f"(learning rate {before:.3g} -> {self.scheduler.get_last_lr()[0]:.3g})")
@@ -632,7 +432,7 @@ class Trainer:
         cfg = self.config
         if self.info.is_main:
             self.log.open(self.run_dir)
-        sinks = MetricSinks(cfg, self.run_dir, self.step, enabled=self.info.is_main)
+        self.log.open_metrics(cfg, self.run_dir, self.step, enabled=self.info.is_main)
         # A bar only on a terminal: redirected output gets one plain line every log_every steps instead
         # of carriage-return updates.
         self.bar_shown = cfg["logging"]["progress"] and self.info.is_main and sys.stderr.isatty()
@@ -641,22 +441,21 @@ class Trainer:
         start_step, started = self.step, time.perf_counter()
         try:
             with self._cpu_allocator():
-                self._fit_steps(bar, sinks, start_step, started, validate)
+                self._fit_steps(bar, start_step, started, validate)
             path = self.save()
             self.log(f"checkpoint {path}")
         finally:
             bar.close()
-            sinks.close()
+            self.log.close()
         return self.history
 
-    def _fit_steps(self, bar, sinks: MetricSinks, start_step: int, started: float,
-                   validate: Validate | None) -> None:
+    def _fit_steps(self, bar, start_step: int, started: float, validate: Validate | None) -> None:
         """The step loop of ``fit``: step, log, validate, checkpoint every ``checkpoint.every`` steps."""
         cfg = self.config
         images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
         log_every, eval_every = cfg["train"]["log_every"], cfg["eval"]["every"]
         gaps: list[float] = []
-        shown: dict[str, float] = {}       # the latest health values, for the progress bar
+        postfix = BarPostfix()
         while self.step < self.total_steps:
             tick = time.perf_counter()
             lr = self.scheduler.get_last_lr()[0]  # the rate this step trains with
@@ -672,40 +471,24 @@ class Trainer:
                 gaps.clear()
                 terms.update(self.health.summary(self.step, gap))
             self.history.append(terms)
-            shown.update({key: value for key, value in terms.items() if key == "prompt_gap"
-                          or key.startswith("task_info_l")})
-            health = {}
-            if "prompt_gap" in shown:
-                health["gap_db"] = f"{shown['prompt_gap']:.1f}"
-            infos = [v for k, v in shown.items() if k.startswith("task_info_l")]
-            if infos:
-                health["task_bits"] = f"{max(infos):.2f}"
             # The postfix first, then the count: the bar shows this step's numbers with this step.
-            bar.set_postfix(loss=f"{terms['loss']:.4f}", l1=f"{terms['l1']:.4f}", cpr=f"{terms['cpr']:.2e}",
-                            lr=f"{lr:.1e}", img_s=f"{terms['images_per_s']:.1f}", **health, refresh=False)
+            bar.set_postfix(**postfix(terms, lr), refresh=False)
             bar.update(1)
-            sinks.scalars({key: value for key, value in terms.items() if key != "step"}, self.step,
-                          _log_group)
+            self.log.scalars({key: value for key, value in terms.items() if key != "step"}, self.step,
+                             log_group)
             if self.step % log_every == 0 or last:
-                self.log(self._step_line(terms, start_step, started), file_only=self.bar_shown)
+                self.log(step_line(terms, self.step, self.total_steps, start_step, started),
+                         file_only=self.bar_shown)
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
             if validate is not None and self.info.is_main and eval_every and (self.step % eval_every == 0
                                                                               or last):
-                self._validate(validate, sinks)
+                self._validate(validate)
             if self.step % cfg["checkpoint"]["every"] == 0 and not last:
                 path = self.save()
                 self.log(f"checkpoint {path}")
 
-    def _step_line(self, terms: Mapping[str, float], start_step: int, started: float) -> str:
-        done = self.step - start_step
-        eta = (time.perf_counter() - started) / max(done, 1) * (self.total_steps - self.step)
-        health = "".join(f" {key} {terms[key]:.2f}" for key in sorted(terms) if _log_group(key) == "health")
-        return (f"step {self.step}/{self.total_steps} loss {terms['loss']:.5f} l1 {terms['l1']:.5f} "
-                f"cpr {terms['cpr']:.3e} lr {terms['lr']:.2e} {terms['images_per_s']:.1f} img/s "
-                f"eta {eta:.0f}s{health}")
-
-    def _validate(self, validate: Validate, sinks: MetricSinks) -> None:
+    def _validate(self, validate: Validate) -> None:
         """Score the evaluation weights, report the scores, keep the best (``checkpoint.keep_best``)."""
         result = validate(self.eval_model())
         scores = result["scores"]
@@ -717,8 +500,8 @@ class Trainer:
         for level in range(levels):
             values[f"selection_entropy_l{level}"] = float(np.mean(
                 [s["levels"][level]["selection_entropy"] for s in scores.values() if s["levels"]]))
-        sinks.scalars(values, self.step, lambda key: "eval")
-        sinks.images(result.get("images") or {}, self.step)
+        self.log.scalars(values, self.step, lambda key: "eval")
+        self.log.images(result.get("images") or {}, self.step)
         self.validations.append({"step": self.step, **values})
         per_task = ", ".join(f"{task} {s['psnr']:.2f}" for task, s in scores.items())
         self.log(f"validation at step {self.step}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.4f} "
