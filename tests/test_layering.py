@@ -108,3 +108,11 @@ def test_moved_module_names_still_import_with_a_warning(old):
     with pytest.warns(DeprecationWarning, match="moved to"):
         module = importlib.import_module(old)
     assert module is importlib.import_module(MOVED[old])
+
+
+def test_every_package_is_in_the_distribution():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    listed = set(project["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
+    assert packages <= listed, f"missing from [tool.setuptools] packages: {sorted(packages - listed)}"
