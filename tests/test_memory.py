@@ -235,7 +235,7 @@ def test_fork_while_another_thread_allocates_leaves_the_child_usable():
 
 
 def test_cpl_info_reports_the_allocator(capsys):
-    from cpl_fast import info
+    from cpl_fast.cli import info
 
     assert info.collect()["cpu_caching_allocator"].startswith("available")
     with memory.cpu_caching():

@@ -9,6 +9,7 @@ _MODULES = {
     "cpl_fast.losses.negatives": ("MismatchedExperts", "NegativeSampler", "OtherTask"),
     "cpl_fast.train.steps.output": ("CPLStepOutput",),
     "cpl_fast.config": ("ConfigError", "load_config"),
-    "cpl_fast.train.trainer": ("STEPS", "Trainer", "l1_step", "resolve_objective"),
+    "cpl_fast.train.steps": ("STEPS", "l1_step", "resolve_objective"),
+    "cpl_fast.train.trainer": ("Trainer",),
 }
 __all__, __getattr__, __dir__ = lazy_exports(globals(), _MODULES)

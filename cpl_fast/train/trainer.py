@@ -93,7 +93,7 @@ class Trainer:
         self._seed()
         self._build_data()
         self.model = self._build_model()
-        self.ema = EMA(self.model, config["ema"]["decay"]) if config["ema"]["enabled"] else None
+        self.ema = self._build_ema()
         self.context = self._build_context()
         self.step_module, self.runner = self._build_runner(step)
         self.optimizer = build_optimizer(config, self.model.parameters())
@@ -120,6 +120,10 @@ class Trainer:
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
+
+    def _build_ema(self) -> EMA | None:
+        ema = self.config["ema"]
+        return EMA(self.model, ema["decay"]) if ema["enabled"] else None
 
     def _build_runner(self, step: StepFn) -> tuple[StepModule, nn.Module]:
         """The step as a module, and what runs it: the module itself, or its DDP wrapper in a job."""
