@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "cpl_fast"
 # Package (first name under cpl_fast) -> layer. Same layer, different package: no imports either way.
 LAYERS = {
     "_C": -1,  # the compiled extension: imports nothing of the package
-    "_extension": 0, "_lazy": 0, "atomic_files": 0, "_deprecated": 0,
+    "_extension": 0, "_lazy": 0, "atomic_files": 0, "_deprecated": 0, "devices": 0,
     "memory": 1, "kernels": 1,
     "ops": 2,
     "models": 3, "data": 3,
@@ -61,7 +61,8 @@ def _violations() -> list[str]:
         if own == "__init__":
             continue
         if own not in LAYERS:
-            found.append(f"{rel}: package {own!r} has no layer in LAYERS (add it, and to docs/ARCHITECTURE.md)")
+            found.append(f"{rel}: package {own!r} has no layer in LAYERS (add it here and to "
+                         "docs/ARCHITECTURE.md)")
             continue
         for line, target in _imports(path):
             other = _package(target)

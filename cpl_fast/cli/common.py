@@ -49,14 +49,9 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 def torch_device(name: str) -> Any:
     """The ``torch.device`` a ``--device`` names; ValueError when it names CUDA on a machine without."""
-    import torch
+    from cpl_fast.devices import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chosen = torch.device(name)
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return chosen
+    return resolve_device(name)
 
 
 # ---------------------------------------------------------------------------------------- config
@@ -89,7 +84,8 @@ def layered_config(preset: str | None, files: Sequence[str], data: str | None, o
         for _, key, value in settings:
             if key.startswith("model."):
                 set_dotted(config, key, value)
-    validate(config)
+    if base is not None or model is not None:  # load_config validated the rest
+        validate(config)
     return config
 
 

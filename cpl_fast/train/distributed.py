@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from cpl_fast import devices
 from cpl_fast.config import ConfigError
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models import Routing
@@ -50,14 +51,10 @@ def init_distributed(use_cuda: bool) -> DistInfo:
 
 def resolve_device(name: str, info: DistInfo) -> torch.device:
     """The config's ``device`` (``auto``: CUDA when available); ``cuda`` is this rank's GPU in a job."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name!r} but CUDA is not available")
-        if name == "cuda":
-            return torch.device("cuda", info.local_rank if info.enabled else torch.cuda.current_device())
-    return torch.device(name)
+    try:
+        return devices.resolve_device(name, info.local_rank if info.enabled else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class GlobalBatchSampler:

@@ -45,6 +45,7 @@ from cpl_fast.data import (
     worker_init_fn,
 )
 from cpl_fast.data.sources import data_sources
+from cpl_fast.inference.restoration import autocast
 from cpl_fast.losses import build_features, build_loss
 from cpl_fast.losses.negatives import build_negative_sampler
 from cpl_fast.metrics.protocols import average
@@ -290,10 +291,7 @@ class Trainer:
                 item["task_id"].to(**move))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        amp = self.config["amp"]
-        if amp == "none":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+        return autocast(self.device, self.config["amp"])
 
     def cpr_alpha(self, step: int) -> float:
         """The CPR weight at optimiser step ``step``: 0 during ``cpr.warmup_steps``, then ramped in."""
