@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent / "cpl_fast"
 # Package (first name under cpl_fast) -> layer. Same layer, different package: no imports either way.
 LAYERS = {
     "_C": -1,  # the compiled extension: imports nothing of the package
-    "_extension": 0, "_lazy": 0, "atomic_files": 0, "_deprecated": 0, "devices": 0,
+    "_extension": 0, "_lazy": 0, "atomic_files": 0, "_deprecated": 0, "devices": 0, "tables": 0,
     "memory": 1, "kernels": 1,
     "ops": 2,
     "models": 3, "data": 3,

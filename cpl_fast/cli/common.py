@@ -12,6 +12,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+# Kept importable from here: the table writer moved down to layer 0, where eval/ can use it too.
+from cpl_fast.tables import markdown_table as markdown_table
+
 LOGGER = "cpl_fast"
 log = logging.getLogger(LOGGER)
 
@@ -140,12 +143,3 @@ def setup_logging() -> logging.Logger:
     log.setLevel(logging.INFO)
     log.propagate = False  # a root handler configured by a host program would print every line twice
     return log
-
-
-# ---------------------------------------------------------------------------------------- tables
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown table: the header, the separator, one line per row (cells as ``str``)."""
-    lines = ["| " + " | ".join(str(cell) for cell in header) + " |", "|---" * len(header) + "|"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)

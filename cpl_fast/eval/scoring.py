@@ -26,6 +26,7 @@ from torch import nn
 from cpl_fast.inference.restoration import DEFAULT_OVERLAP, check_tiling, model_multiple, restore_image
 from cpl_fast.metrics.image import entropy_bits
 from cpl_fast.metrics.protocols import Protocol, average, get_protocol
+from cpl_fast.tables import markdown_table
 
 
 @torch.no_grad()
@@ -116,9 +117,7 @@ def scores_table(scores: Mapping[str, Mapping[str, Any]], protocol: Protocol,
     header = ("task", "images", "PSNR (dB)", "SSIM")
     label = protocol.label
     if markdown:
-        lines = ["| task | images | PSNR (dB) | SSIM | protocol |", "|---|---|---|---|---|"]
-        lines += [f"| {t} | {n} | {p} | {s} | {label} |" for t, n, p, s in rows]
-        return "\n".join(lines)
+        return markdown_table([*header, "protocol"], [[*row, label] for row in rows])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
 
     def line(cells: Sequence[str]) -> str:
