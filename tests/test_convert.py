@@ -66,7 +66,7 @@ def promptir() -> torch.nn.Module:
 
 
 def test_lightning_file_is_promptirs_layout_key_for_key(tmp_path, promptir):
-    converted = lightning_checkpoint(promptir, {"preset": "promptir", "k": None, "n": None, "overrides": {}})
+    converted = lightning_checkpoint(promptir, {"preset": "promptir", "top_k": None, "num_prompts": None, "overrides": {}})
     path = save_converted(converted, tmp_path / "promptir.ckpt")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)   # plain types only
     rows = [(key.removeprefix("net."), tuple(value.shape)) for key, value in ckpt["state_dict"].items()]
@@ -155,11 +155,11 @@ def test_dense_tiny_model_round_trips_through_both_layouts(tmp_path, capsys):
 def test_sparse_model_goes_to_basicsr_and_is_refused_for_lightning(tmp_path, capsys):
     source = _perturbed("tiny", top_k=2)
     torch.save(source.state_dict(), tmp_path / "w.pth")
-    assert main([str(tmp_path / "w.pth"), "-o", str(tmp_path / "x.ckpt"), "--set", "model.k=2"]) == 2
+    assert main([str(tmp_path / "w.pth"), "-o", str(tmp_path / "x.ckpt"), "--set", "model.top_k=2"]) == 2
     err = capsys.readouterr().err
     assert "routes sparsely (top-2 of 5 prompts)" in err and "BasicSR layout" in err
     assert not (tmp_path / "x.ckpt").exists()
-    assert main([str(tmp_path / "w.pth"), "-o", str(tmp_path / "x.pth"), "--set", "model.k=2"]) == 0
+    assert main([str(tmp_path / "w.pth"), "-o", str(tmp_path / "x.pth"), "--set", "model.top_k=2"]) == 0
     loaded = load_model(tmp_path / "x.pth")
     assert loaded.model.top_k == 2                      # recorded: the weights alone would say top-1
     _same_outputs(loaded.model, source)
@@ -208,7 +208,7 @@ def test_basicsr_source_with_its_own_ema(tmp_path):
     trained, ema = _perturbed("tiny_dense"), _perturbed("tiny_dense")
     torch.save({"params": trained.state_dict(), "params_ema": ema.state_dict()}, tmp_path / "net_g.pth")
     # A BasicSR file without a record is read as CPL's (top-1): dense must be said to go to Lightning.
-    dense = ["--set", "model.k=all"]
+    dense = ["--set", "model.top_k=all"]
     assert main([str(tmp_path / "net_g.pth"), "-o", str(tmp_path / "ema.ckpt"), *dense]) == 0
     _assert_same_state(load_model(tmp_path / "ema.ckpt").model, ema)
     assert main([str(tmp_path / "net_g.pth"), "-o", str(tmp_path / "raw.ckpt"), "--no-ema", *dense]) == 0
@@ -256,7 +256,7 @@ def test_outputs_are_kept_unless_forced_and_a_failed_check_writes_nothing(tmp_pa
     (lambda d: torch.save(build_model("tiny").state_dict(), d / "w.pth"), ["w.pth", "-o", "w.pth", "--force"],
      "is the source's weights file"),
     (lambda d: torch.save(build_model("tiny").state_dict(), d / "w.pth"), ["w.pth", "-o", "o.pth", "--model",
-     "tiny_dense", "--set", "model.n=3"], "the weights have prompts 5; preset 'tiny_dense' has prompts 3"),
+     "tiny_dense", "--set", "model.num_prompts=3"], "the weights have prompts 5; preset 'tiny_dense' has prompts 3"),
 ])
 def test_bad_inputs_get_one_named_error(tmp_path, capsys, monkeypatch, setup, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -48,7 +48,7 @@ def test_every_tiny_preset_is_read_back_from_its_state_dict(tmp_path, name, layo
     assert arch.model_type == model_type
     assert arch.kwargs == {key: kwargs[key] for key in arch.kwargs}
     section = model_section(arch, kwargs["top_k"])
-    assert section == {"preset": name, "k": None, "n": None, "overrides": {}}
+    assert section == {"preset": name, "top_k": None, "num_prompts": None, "overrides": {}}
     rebuilt = model_from_config(section)
     load_checkpoint(rebuilt, tmp_path / "w.pth", strict=True)
     _assert_same(rebuilt, state)
@@ -79,7 +79,7 @@ def test_an_architecture_no_preset_builds_is_read_and_rebuilt(tmp_path):
     assert arch.kwargs == {"inp_channels": 3, "out_channels": 3, **kwargs}
     assert arch.sparse is True     # selection biases exist for sparse routers only
     section = model_section(arch, 2)
-    assert section["k"] == 2 and section["n"] == 3
+    assert section["top_k"] == 2 and section["num_prompts"] == 3
     assert section["overrides"]["dim"] == 16 and section["overrides"]["route_bias"] is True
     rebuilt = model_from_config(section)
     assert rebuilt.top_k == 2
@@ -121,7 +121,7 @@ def test_load_model_reads_the_architecture_and_says_which_routing_it_assumed(tmp
     biased = _randomised(build_model("tiny", num_prompts=4, dim=16, route_bias=True))
     save_model_state(biased, tmp_path / "b.safetensors")
     loaded = load_model(tmp_path / "b.safetensors")
-    assert loaded.model.top_k == 1 and loaded.model_config["n"] == 4
+    assert loaded.model.top_k == 1 and loaded.model_config["num_prompts"] == 4
     assert "preset 'tiny' with dim 16, prompts 4, selection biases yes" in loaded.notes[0]
     assert "selection biases, so sparse" in loaded.notes[0]
     _assert_same(loaded.model, biased.state_dict())
@@ -152,7 +152,7 @@ def test_a_model_that_does_not_fit_is_refused_in_two_lines_naming_the_difference
         load_model(tmp_path / "n3.pth", {"preset": "tiny_dense"})
     lines = str(info.value).splitlines()
     assert len(lines) == 2 and "the weights have prompts 3; preset 'tiny_dense' has prompts 5" in lines[0]
-    assert lines[1].startswith("hint: --model tiny_dense --set model.n=3 fits these weights")
+    assert lines[1].startswith("hint: --model tiny_dense --set model.num_prompts=3 fits these weights")
 
 
 def test_the_mismatch_error_stays_short_for_a_full_size_checkpoint(tmp_path):
@@ -194,7 +194,7 @@ def test_a_benchmark_preset_does_not_replace_the_checkpoints_model(tmp_path, cap
     out = eval_main_output(args, tmp_path / "same.pth", capsys)
     assert "the checkpoint's model is used" not in out and "tiny (top-1, 5 prompts)" in out
     # --set model.* applies to the checkpoint's model (here 3 prompts: top-2 of 3 is valid).
-    out = eval_main_output([*args, "--set", "model.k=2"], tmp_path / "three.pth", capsys)
+    out = eval_main_output([*args, "--set", "model.top_k=2"], tmp_path / "three.pth", capsys)
     assert "tiny (top-2, 3 prompts)" in out
 
 

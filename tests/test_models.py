@@ -497,13 +497,13 @@ def test_a_config_model_section_is_translated_in_one_place():
 
     assert section_routing({"preset": "cpl"}) == (1, 5)
     assert section_routing({"preset": "promptir"}) == (None, 5)
-    assert section_routing({"preset": "tiny", "k": "all", "n": 7}) == (None, 7)
-    assert section_routing({"preset": "tiny_dense", "k": 2}) == (2, 5)
-    assert section_kwargs({"preset": "tiny", "k": "all", "n": 3, "overrides": {"dim": 16}}) == \
+    assert section_routing({"preset": "tiny", "top_k": "all", "num_prompts": 7}) == (None, 7)
+    assert section_routing({"preset": "tiny_dense", "top_k": 2}) == (2, 5)
+    assert section_kwargs({"preset": "tiny", "top_k": "all", "num_prompts": 3, "overrides": {"dim": 16}}) == \
         {"dim": 16, "top_k": None, "num_prompts": 3}
     with pytest.raises(ValueError, match="unknown; choose one of"):
         section_routing({"preset": "nope"})
-    model = model_from_config({"preset": "tiny", "k": 2, "n": 4, "overrides": {}})
-    assert (model.top_k, model.num_prompts) == section_routing({"preset": "tiny", "k": 2, "n": 4})
-    config = load_config("demo", overrides=["model.n=6", "model.k=2"])
+    model = model_from_config({"preset": "tiny", "top_k": 2, "num_prompts": 4, "overrides": {}})
+    assert (model.top_k, model.num_prompts) == section_routing({"preset": "tiny", "top_k": 2, "num_prompts": 4})
+    config = load_config("demo", overrides=["model.num_prompts=6", "model.top_k=2"])
     assert model_k_n(config) == section_routing(config["model"]) == (2, 6)

@@ -18,7 +18,7 @@ TOTAL = 12
 EVERY = 4
 # CPR objective with the other_task sampler (its routing memory is state too), EMA on, an epoch of 5
 # batches so the run crosses epoch boundaries and is killed mid-epoch.
-SETTINGS = ["objective=loop", "cpr.sampler=other_task", "cpr.m=2", "ema.enabled=true", "ema.decay=0.9",
+SETTINGS = ["objective=loop", "cpr.negative_sampler=other_task", "cpr.m=2", "ema.enabled=true", "ema.decay=0.9",
             "data.crop=32", "data.batch=4", "data.samples_per_epoch=20", f"train.iterations={TOTAL}",
             f"checkpoint.every={EVERY}", "checkpoint.keep=2", "logging.progress=false", "train.log_every=1",
             "eval.before_after=false", "report.enabled=false", "baselines={}", "threads=1",

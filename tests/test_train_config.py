@@ -63,11 +63,11 @@ def test_unknown_preset():
 
 
 def test_overrides_are_typed_yaml_and_dotted():
-    config = load_config("demo", overrides=["optim.lr=1e-3", "data.batch=3", "model.k=null",
+    config = load_config("demo", overrides=["optim.lr=1e-3", "data.batch=3", "model.top_k=null",
                                             "data.augment=false", "optim.betas=[0.5, 0.9]",
                                             "model.overrides.dim=16"])
     assert config["optim"]["lr"] == pytest.approx(1e-3) and isinstance(config["optim"]["lr"], float)
-    assert config["data"]["batch"] == 3 and config["model"]["k"] is None
+    assert config["data"]["batch"] == 3 and config["model"]["top_k"] is None
     assert config["data"]["augment"] is False
     assert config["optim"]["betas"] == [0.5, 0.9]
     # The default recipe balances sparse routers, which builds the model with selection biases.
@@ -109,9 +109,9 @@ def test_merge_does_not_touch_its_inputs():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.k=6"], "model.k=6 must not exceed model.n=5"),
+    (["model.top_k=6"], "model.top_k=6 must not exceed model.num_prompts=5"),
     (["cpr.m=5"], "need m <= n - 1 = 4"),
-    (["model.n=3"], "need m <= n - 1 = 2"),
+    (["model.num_prompts=3"], "need m <= n - 1 = 2"),
     (["amp=bf16", "device=cpu"], "amp=bf16 needs a CUDA GPU"),
     (["amp=bf16", "device=cuda", "precision=float64"], "cannot be combined with precision=float64"),
     (["objective=fastest"], "objective must be one of"),
@@ -119,7 +119,7 @@ def test_merge_does_not_touch_its_inputs():
     (["optim.lr=-1"], "optim.lr must be a number"),
     (["optim.accumulate=0"], "optim.accumulate must be an integer >= 1"),
     (["model.preset=huge"], "model.preset 'huge' is unknown"),
-    (["model.overrides.top_k=2"], "set model.k instead"),
+    (["model.overrides.top_k=2"], "set model.top_k instead"),
     (["data.layout=paired"], "needs a data root"),
     (["cpr.features=resnet"], "cpr.features must be one of"),
     (["objective=fast", "cpr.neg_chunk=0"], "cpr.neg_chunk must be an integer >= 1"),
@@ -132,12 +132,12 @@ def test_validation_errors_name_the_setting(overrides, message):
 
 
 def test_m_is_free_with_other_task_and_l1():
-    assert load_config("demo", overrides=["cpr.m=6", "cpr.sampler=other_task"])["cpr"]["m"] == 6
+    assert load_config("demo", overrides=["cpr.m=6", "cpr.negative_sampler=other_task"])["cpr"]["m"] == 6
     assert load_config("demo", overrides=["cpr.m=6", "objective=l1"])["cpr"]["m"] == 6
 
 
 def test_k_all_is_dense():
-    assert model_k_n(load_config("demo", overrides=["model.k=all", "model.n=7"])) == (None, 7)
+    assert model_k_n(load_config("demo", overrides=["model.top_k=all", "model.num_prompts=7"])) == (None, 7)
     assert model_k_n(load_config("demo", overrides=["model.preset=tiny_dense"])) == (None, 5)
 
 
@@ -161,7 +161,7 @@ def test_defaults_name_every_section_and_the_paper_form_is_one_setting():
     sections = {"model", "cpr", "router", "health", "optim", "schedule", "data", "train", "checkpoint", "ema",
                 "logging"}
     assert sections <= set(DEFAULTS)
-    assert DEFAULTS["cpr"]["sampler"] == "mismatched_experts"
+    assert DEFAULTS["cpr"]["negative_sampler"] == "mismatched_experts"
     assert DEFAULTS["cpr"]["recipe"] == "stable" and DEFAULTS["cpr"]["form"] == "hinge"
     assert RECIPES["paper"]["cpr.form"] == "difference" and RECIPES["paper"]["router.balance"] == "none"
     # DEFAULTS hold the default recipe's values, so reading them never contradicts the recipe.
@@ -258,14 +258,14 @@ def test_choice_lists_are_read_from_the_registries(monkeypatch):
     from cpl_fast.losses import CPR_FORMS, FEATURES, NEGATIVE_SAMPLERS, negatives
 
     choices = registry_choices()
-    assert choices["cpr.sampler"] == tuple(NEGATIVE_SAMPLERS)
+    assert choices["cpr.negative_sampler"] == tuple(NEGATIVE_SAMPLERS)
     assert choices["cpr.features"] == tuple(FEATURES) and choices["cpr.form"] == tuple(CPR_FORMS)
     assert set(LAYOUTS) < set(choices["data.layout"])
     # A sampler registered below the config is a valid setting without a second list to edit.
     monkeypatch.setitem(negatives.NEGATIVE_SAMPLERS, "every_other", negatives.MismatchedExperts)
-    assert load_config("demo", overrides=["cpr.sampler=every_other"])["cpr"]["sampler"] == "every_other"
-    with pytest.raises(ConfigError, match="cpr.sampler must be one of mismatched_experts, other_task, every_other"):
-        load_config("demo", overrides=["cpr.sampler=nope"])
+    assert load_config("demo", overrides=["cpr.negative_sampler=every_other"])["cpr"]["negative_sampler"] == "every_other"
+    with pytest.raises(ConfigError, match="cpr.negative_sampler must be one of mismatched_experts, other_task, every_other"):
+        load_config("demo", overrides=["cpr.negative_sampler=nope"])
 
 
 def test_presets_are_the_shipped_yaml_files():

@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PRESET",
                         help="the source's model preset (default: the run's, else read from the weights)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="model.KEY=VALUE",
-                        help="a model setting, as in cpl-train (e.g. --set model.k=all for a dense model)")
+                        help="a model setting, as in cpl-train (e.g. --set model.top_k=all for a dense model)")
     parser.add_argument("--no-ema", action="store_true",
                         help="write the trained weights, not the EMA weights (Lightning: the one state dict; "
                              "BasicSR: params and params_ema alike)")
@@ -50,10 +50,11 @@ def _model_section(args: argparse.Namespace, weights: Path, run_config: dict[str
     if args.model is None and not args.overrides:
         return None
     from cpl_fast.config import parse_override, set_dotted
+    from cpl_fast.models.registry import preset_section
     from cpl_fast.runs.loading import checkpoint_model
 
     if args.model is not None:
-        section = {"preset": args.model, "k": None, "n": None, "overrides": {}}
+        section = preset_section(args.model)
     elif run_config is not None:
         section = dict(run_config["model"])
     else:
@@ -62,7 +63,7 @@ def _model_section(args: argparse.Namespace, weights: Path, run_config: dict[str
     for text in args.overrides:
         key, value = parse_override(text)
         if not key.startswith("model."):
-            raise ValueError(f"--set {text}: cpl-convert takes model settings only (model.k, model.n, "
+            raise ValueError(f"--set {text}: cpl-convert takes model settings only (model.top_k, model.num_prompts, "
                              f"model.overrides.*)")
         set_dotted(holder, key, value)
     return holder["model"]

@@ -88,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _export_onnx(args: argparse.Namespace) -> None:
     from cpl_fast.export.onnx_export import check_opset, export_onnx
+    from cpl_fast.models.registry import preset_section
     from cpl_fast.runs.loading import load_model
 
     if args.dynamic and args.width is not None:
@@ -97,7 +98,7 @@ def _export_onnx(args: argparse.Namespace) -> None:
     size = None if args.dynamic else (args.height, args.width)
     check_opset(args.opset)  # before the checkpoint is loaded and the graph traced
     check_writable_file(args.output, "-o")
-    config = None if args.model is None else {"preset": args.model, "k": None, "n": None, "overrides": {}}
+    config = None if args.model is None else preset_section(args.model)
     loaded = load_model(args.ckpt, config)
     for note in loaded.notes:
         log.info(f"note: {note}")

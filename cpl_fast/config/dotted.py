@@ -3,13 +3,24 @@ against the schema so a misspelt setting is an error naming it, never a silent d
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
 from cpl_fast.config.files import yaml_load
-from cpl_fast.config.schema import DEFAULTS, FREE_MAPPINGS, ConfigError
+from cpl_fast.config.schema import DEFAULTS, FREE_MAPPINGS, RENAMED, ConfigError
+
+
+def current_name(key: str) -> str:
+    """The setting's name today: an old name (``RENAMED``) warns and gives the new one."""
+    new = RENAMED.get(key)
+    if new is None:
+        return key
+    warnings.warn(f"setting {key} is now called {new}; the old name will be removed in a later release",
+                  DeprecationWarning, stacklevel=3)
+    return new
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -28,7 +39,8 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
-    """``config["a"]["b"] = value`` for ``key = "a.b"`` (checked against ``DEFAULTS``)."""
+    """``config["a"]["b"] = value`` for ``key = "a.b"`` (checked against ``DEFAULTS``; old names read)."""
+    key = current_name(key)
     parts = key.split(".")
     node, schema, path = config, DEFAULTS, ""
     for i, part in enumerate(parts[:-1]):
@@ -68,7 +80,10 @@ def _suggest(name: str, schema: Any) -> str:
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any], path: str = "") -> dict[str, Any]:
-    """Deep merge ``update`` into a copy of ``base``; keys outside ``DEFAULTS`` raise ConfigError."""
+    """Deep merge ``update`` into a copy of ``base``; keys outside ``DEFAULTS`` raise ConfigError.
+
+    An old name of a setting (``RENAMED``) is read as the new one; both in one mapping is an error.
+    """
     out = copy.deepcopy(dict(base))
     schema = _schema_at(path)
     for key, value in update.items():
@@ -76,6 +91,12 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any], path: str = "") ->
         if path in FREE_MAPPINGS:
             out[key] = copy.deepcopy(value)
             continue
+        if full in RENAMED:
+            new = RENAMED[full]
+            if new.rsplit(".", 1)[-1] in update:
+                raise ConfigError(f"{full} and {new} are both set; {full} is the old name of {new}: keep one")
+            full = current_name(full)
+            key = full.rsplit(".", 1)[-1]
         if key not in schema:
             raise ConfigError(f"unknown setting {full!r}{_suggest(str(key), schema)}")
         if isinstance(schema[key], Mapping) or full in FREE_MAPPINGS:

@@ -103,16 +103,16 @@ def validate(config: Mapping[str, Any]) -> None:
 
     model = config["model"]
     _need(isinstance(model["preset"], str), f"model.preset must be a preset name; got {model['preset']!r}")
-    _need(model["k"] is None or model["k"] == "all" or (_is_int(model["k"]) and model["k"] >= 1),
-          f"model.k must be null (the preset's), 'all' (dense) or an integer >= 1; got {model['k']!r}")
-    _check_int(config, "model.n", 1, optional=True)
+    top_k = model["top_k"]
+    _need(top_k is None or top_k == "all" or (_is_int(top_k) and top_k >= 1),
+          f"model.top_k must be null (the preset's), 'all' (dense) or an integer >= 1; got {top_k!r}")
+    _check_int(config, "model.num_prompts", 1, optional=True)
     _need(isinstance(model["overrides"], Mapping), "model.overrides must be a mapping")
     for key in ("top_k", "num_prompts"):
-        _need(key not in model["overrides"],
-              f"model.overrides.{key}: set model.{'k' if key == 'top_k' else 'n'} instead")
+        _need(key not in model["overrides"], f"model.overrides.{key}: set model.{key} instead")
     k, n = model_k_n(config)
     if k is not None and n is not None:
-        _need(k <= n, f"model.k={k} must not exceed model.n={n} (top-k of n experts)")
+        _need(k <= n, f"model.top_k={k} must not exceed model.num_prompts={n} (top-k of n experts)")
 
     cpr = config["cpr"]
     _need(cpr["recipe"] in RECIPES, f"cpr.recipe must be one of {', '.join(RECIPES)}; got {cpr['recipe']!r}")
@@ -133,7 +133,7 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_int(config, "cpr.warmup_steps", 0)
     _check_int(config, "cpr.ramp_steps", 0)
     _check_int(config, "cpr.m", 1)
-    _check_choice(config, "cpr.sampler", choices["cpr.sampler"])
+    _check_choice(config, "cpr.negative_sampler", choices["cpr.negative_sampler"])
     _check_int(config, "cpr.memory_size", 1)
     _check_choice(config, "cpr.form", choices["cpr.form"])
     _check_choice(config, "cpr.features", choices["cpr.features"])
@@ -148,8 +148,8 @@ def validate(config: Mapping[str, Any]) -> None:
           f"{config['objective']!r} does not take it")
     _need(cpr["negatives_per_step"] is None or cpr["negatives_per_step"] <= cpr["m"],
           f"cpr.negatives_per_step={cpr['negatives_per_step']} must be <= cpr.m={cpr['m']}")
-    if config["objective"] != "l1" and cpr["sampler"] == "mismatched_experts" and n is not None:
-        _need(cpr["m"] <= n - 1, f"cpr.m={cpr['m']} negatives with sampler mismatched_experts need "
+    if config["objective"] != "l1" and cpr["negative_sampler"] == "mismatched_experts" and n is not None:
+        _need(cpr["m"] <= n - 1, f"cpr.m={cpr['m']} negatives with negative_sampler mismatched_experts need "
                                  f"m <= n - 1 = {n - 1} (each negative uses a different other expert)")
 
     _check_choice(config, "router.balance", ROUTER_BALANCE)
@@ -157,7 +157,7 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_number(config, "router.bias_rate", 0.0)
     if config["router"]["balance"] not in ("none", "auto"):
         _need(k is not None, f"router.balance={config['router']['balance']} balances sparse routing; the "
-                             f"model is dense (model.k=all or a dense preset)")
+                             f"model is dense (model.top_k=all or a dense preset)")
     _check_int(config, "health.grad_ratio_every", 0)
     _need(isinstance(config["health"]["warn"], bool), "health.warn must be true or false")
 
@@ -224,7 +224,8 @@ def validate(config: Mapping[str, Any]) -> None:
 
 
 def model_k_n(config: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    """Effective ``(k, n)`` of the config's model: explicit settings, else the preset's (k None = dense)."""
+    """Effective ``(top_k, num_prompts)`` of the config's model: explicit settings, else the preset's
+    (top_k None = dense)."""
     from cpl_fast.models.registry import section_routing
 
     try:
@@ -242,7 +243,7 @@ def registry_choices() -> dict[str, tuple[str, ...]]:
         "cpr.distance": tuple(CPR_DISTANCES),
         "cpr.form": tuple(CPR_FORMS),
         "cpr.features": tuple(FEATURES),
-        "cpr.sampler": tuple(NEGATIVE_SAMPLERS),
+        "cpr.negative_sampler": tuple(NEGATIVE_SAMPLERS),
         # "embedded": the built-in three-task set; "clean": a folder of clean images degraded on the
         # fly (the seven-task setting); the rest are the folder layouts of cpl_fast.data.
         "data.layout": ("embedded", "clean", *LAYOUTS),

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cpl_fast.models.checkpoint import UNUSED_OFFICIAL_KEYS, strip_lightning_prefix, strip_wrappers
-from cpl_fast.models.registry import MODELS, PRESETS
+from cpl_fast.models.registry import MODELS, PRESETS, preset_section
 
 # Settings the shapes cannot decide: never compared, never read.
 ROUTING_KWARGS = ("top_k", "renormalize")
@@ -177,7 +177,7 @@ def model_section(arch: Architecture, top_k: int | None) -> dict[str, Any]:
     if base.get("top_k") != top_k:
         k = "all" if top_k is None else top_k
     n = arch.kwargs["num_prompts"] if arch.kwargs["num_prompts"] != base["num_prompts"] else None
-    return {"preset": preset, "k": k, "n": n, "overrides": overrides}
+    return preset_section(preset, k, n, overrides)
 
 
 def model_architecture(model: torch.nn.Module) -> Architecture:

@@ -79,31 +79,58 @@ _DEFAULT_TOP_K = 1
 _DEFAULT_NUM_PROMPTS = 5
 
 
+# Keys of a model section written before they were renamed (run folders and converted checkpoints of
+# earlier versions hold them); read as the new names.
+_OLD_SECTION_KEYS = {"k": "top_k", "n": "num_prompts"}
+
+
+def preset_section(preset: str, top_k: int | str | None = None, num_prompts: int | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A config ``model`` section: the preset, and None for what the preset decides."""
+    return {"preset": preset, "top_k": top_k, "num_prompts": num_prompts, "overrides": dict(overrides or {})}
+
+
+def current_section(section: Mapping[str, Any]) -> dict[str, Any]:
+    """``section`` with today's keys: an earlier version's ``k`` / ``n`` are ``top_k`` / ``num_prompts``."""
+    out = dict(section)
+    for old, new in _OLD_SECTION_KEYS.items():
+        if old in out:
+            value = out.pop(old)
+            if out.get(new) is not None and out[new] != value:
+                raise ValueError(f"model section sets both {old}={value!r} and {new}={out[new]!r}; {old} is "
+                                 f"the old name of {new}")
+            if out.get(new) is None:
+                out[new] = value
+    return out
+
+
 def section_routing(section: Mapping[str, Any]) -> tuple[int | None, int]:
     """``(top_k, num_prompts)`` a config ``model`` section builds (top_k None: dense).
 
     ValueError naming the preset when it is unknown.
     """
+    section = current_section(section)
     preset = section.get("preset")
     if preset not in PRESETS:
         raise ValueError(f"model.preset {preset!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
     settings = PRESETS[preset]
-    k = section.get("k")
+    k = section.get("top_k")
     top_k = None if k == "all" else (settings.get("top_k", _DEFAULT_TOP_K) if k is None else k)
-    n = section.get("n")
+    n = section.get("num_prompts")
     return top_k, settings.get("num_prompts", _DEFAULT_NUM_PROMPTS) if n is None else n
 
 
 def section_kwargs(section: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments of ``build_model(section["preset"], ...)`` for a config ``model`` section."""
+    section = current_section(section)
     kwargs = dict(section.get("overrides") or {})
-    if section.get("k") is not None:
-        kwargs["top_k"] = None if section["k"] == "all" else section["k"]
-    if section.get("n") is not None:
-        kwargs["num_prompts"] = section["n"]
+    if section.get("top_k") is not None:
+        kwargs["top_k"] = None if section["top_k"] == "all" else section["top_k"]
+    if section.get("num_prompts") is not None:
+        kwargs["num_prompts"] = section["num_prompts"]
     return kwargs
 
 
 def model_from_config(section: Mapping[str, Any]) -> nn.Module:
-    """Build the model of a config's ``model`` section (``preset``, ``k``, ``n``, ``overrides``)."""
+    """The model of a config ``model`` section (``preset``, ``top_k``, ``num_prompts``, ``overrides``)."""
     return build_model(section["preset"], **section_kwargs(section))

@@ -48,7 +48,7 @@ from cpl_fast.models.infer import (
     preset_architecture,
     preset_top_k,
 )
-from cpl_fast.models.registry import model_from_config
+from cpl_fast.models.registry import current_section, model_from_config, preset_section
 from cpl_fast.runs.checkpoints import latest_checkpoint
 from cpl_fast.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, EMA_FILE, MODEL_FILE
 
@@ -107,7 +107,7 @@ def routing_text(top_k: int | None) -> str:
 
 def section_top_k(section: Mapping[str, Any]) -> int | None:
     """The routing a config ``model`` section builds (None: dense)."""
-    k = section.get("k")
+    k = current_section(section).get("top_k")
     if k == "all":
         return None
     return preset_top_k(section["preset"]) if k is None else k
@@ -125,8 +125,9 @@ def checkpoint_model(weights: Path, raw: Mapping[str, Any] | None = None) -> tup
         if recorded.get("preset") not in PRESETS:
             raise ValueError(f"{weights}: the model recorded in the checkpoint names an unknown preset "
                              f"{recorded.get('preset')!r}; --model PRESET chooses one")
-        section = {"preset": recorded.get("preset"), "k": recorded.get("k"), "n": recorded.get("n"),
-                   "overrides": dict(recorded.get("overrides") or {})}
+        recorded = current_section(recorded)
+        section = preset_section(recorded["preset"], recorded.get("top_k"), recorded.get("num_prompts"),
+                                 recorded.get("overrides"))
         return section, [f"model {section['preset']!r} ({routing_text(section_top_k(section))}) as "
                          f"recorded in the checkpoint"]
     layout, state = read_state_dict(raw)
@@ -135,9 +136,9 @@ def checkpoint_model(weights: Path, raw: Mapping[str, Any] | None = None) -> tup
     except ArchitectureError as exc:
         raise ValueError(f"{weights}: cannot tell the model from the weights ({exc}); --model PRESET "
                          f"chooses it") from None
-    unknown = "routing is not in the weights; --set model.k=N or model.k=all to choose"
+    unknown = "routing is not in the weights; --set model.top_k=N or model.top_k=all to choose"
     if arch.sparse:
-        top_k, why = 1, "selection biases, so sparse; k is not in the weights: --set model.k=N to choose"
+        top_k, why = 1, "selection biases, so sparse; k is not in the weights: --set model.top_k=N to choose"
     elif layout == "lightning":
         top_k, why = None, f"a Lightning checkpoint, PromptIR's layout; {unknown}"
     else:
@@ -194,8 +195,9 @@ def _mismatch_text(weights: Path, raw: Mapping[str, Any], model: nn.Module, conf
     if fit["overrides"]:
         return (f"{first}\nhint: no preset builds these weights; omit --model to use the checkpoint's "
                 "architecture")
-    option = f"--model {fit['preset']}" + (f" --set model.n={fit['n']}" if fit["n"] is not None else "") \
-        + (f" --set model.k={fit['k']}" if fit["k"] is not None else "")
+    option = f"--model {fit['preset']}" \
+        + (f" --set model.num_prompts={fit['num_prompts']}" if fit["num_prompts"] is not None else "") \
+        + (f" --set model.top_k={fit['top_k']}" if fit["top_k"] is not None else "")
     return f"{first}\nhint: {option} fits these weights, or omit --model to use the checkpoint's architecture"
 
 
@@ -211,7 +213,7 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
     notes: list[str] = []
     raw: Any = read_checkpoint_file(weights)  # ValueError naming the file when it is not a checkpoint
     if model_config is not None:
-        config = copy.deepcopy(dict(model_config))
+        config = current_section(copy.deepcopy(dict(model_config)))
     elif run_config is not None:
         config = copy.deepcopy(dict(run_config["model"]))
     else:

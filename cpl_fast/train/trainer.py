@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cpl_fast import memory
-from cpl_fast.config import ConfigError, router_balance
+from cpl_fast.config import ConfigError, as_settings, router_balance
 from cpl_fast.data import (
     EvalDataset,
     TaskBalancedSampler,
@@ -83,6 +83,7 @@ class Trainer:
         """``log``: where messages go besides ``RUN/train.log``: the ``cpl_fast.train`` logger by
         default, None for nowhere, or any callable taking one message."""
         self.config = config
+        self.settings = as_settings(config)
         self.run_dir = Path(run_dir)
         self.info = info or DistInfo()
         self.log = RunLog(log if self.info.is_main else None)
@@ -90,7 +91,7 @@ class Trainer:
         # random (data, weights, features), the model before what reads it (sampler, optimiser), the
         # run's length before the schedule, and every part before the checkpoint is read into it.
         self._build_device()
-        self.objective, step = resolve_objective(config["objective"])
+        self.objective, step = resolve_objective(self.settings.objective)
         self._seed()
         self._build_data()
         self.model = self._build_model()
@@ -100,7 +101,7 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.total_steps = self._total_steps()
         self.scheduler = self._build_scheduler()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=config["amp"] == "fp16")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.settings.amp == "fp16")
         self._init_records()
         if resume:
             self._resume()
@@ -108,23 +109,23 @@ class Trainer:
     # ------------------------------------------------------------------------------ building
 
     def _build_device(self) -> None:
-        config = self.config
-        if config["threads"] is not None:
-            torch.set_num_threads(config["threads"])
-        self.device = resolve_device(config["device"], self.info)
-        if config["amp"] != "none" and self.device.type != "cuda":
-            raise ConfigError(f"amp={config['amp']} needs a CUDA GPU; this run is on {self.device}")
-        self.dtype = torch.float64 if config["precision"] == "float64" else torch.float32
+        settings = self.settings
+        if settings.threads is not None:
+            torch.set_num_threads(settings.threads)
+        self.device = resolve_device(settings.device, self.info)
+        if settings.amp != "none" and self.device.type != "cuda":
+            raise ConfigError(f"amp={settings.amp} needs a CUDA GPU; this run is on {self.device}")
+        self.dtype = torch.float64 if settings.precision == "float64" else torch.float32
 
     def _seed(self) -> None:
-        seed = self.config["seed"]
+        seed = self.settings.seed
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
 
     def _build_ema(self) -> EMA | None:
-        ema = self.config["ema"]
-        return EMA(self.model, ema["decay"]) if ema["enabled"] else None
+        ema = self.settings.ema
+        return EMA(self.model, ema.decay) if ema.enabled else None
 
     def _build_runner(self, step: StepFn) -> tuple[StepModule, nn.Module]:
         """The step as a module, and what runs it: the module itself, or its DDP wrapper in a job."""
@@ -139,9 +140,9 @@ class Trainer:
         return step_module, DDP(step_module, device_ids=device_ids)
 
     def _build_scheduler(self, start: int = 0):
-        sched = self.config["schedule"]
-        return build_scheduler(self.optimizer, sched["name"], self.total_steps, sched["warmup_epochs"],
-                               sched["schedule_epochs"], sched["min_lr"], start=start)
+        sched = self.settings.schedule
+        return build_scheduler(self.optimizer, sched.name, self.total_steps, sched.warmup_epochs,
+                               sched.schedule_epochs, sched.min_lr, start=start)
 
     def _init_records(self) -> None:
         """The run's position and records, all empty at the start (a checkpoint fills them on resume)."""
@@ -156,34 +157,34 @@ class Trainer:
         self._iterator = None
 
     def _build_data(self) -> None:
-        data = self.config["data"]
-        self.train_source, self.test_source = data_sources(data)
+        data = self.settings.data
+        self.train_source, self.test_source = data_sources(self.config["data"])
         tasks = list(self.train_source.tasks) + (list(self.test_source.tasks) if self.test_source else [])
         self.task_ids = build_task_ids(tasks)
         self.num_tasks = len(set(self.task_ids[t] for t in self.train_source.tasks))
-        self.train_set = TrainDataset(self.train_source, patch_size=data["crop"], seed=self.config["seed"],
-                                      task_ids=self.task_ids, augment=data["augment"],
-                                      skip_unreadable=data["skip_unreadable"])
-        self.sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data["samples_per_epoch"],
-                                           seed=self.config["seed"], balanced=data["balanced"],
+        self.train_set = TrainDataset(self.train_source, patch_size=data.crop, seed=self.settings.seed,
+                                      task_ids=self.task_ids, augment=data.augment,
+                                      skip_unreadable=data.skip_unreadable)
+        self.sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data.samples_per_epoch,
+                                           seed=self.settings.seed, balanced=data.balanced,
                                            rank=self.info.rank, world_size=self.info.world_size)
-        self.batches_per_epoch = self.sampler.per_rank // data["batch"]
+        self.batches_per_epoch = self.sampler.per_rank // data.batch
         if self.batches_per_epoch < 1:
             raise ConfigError(f"an epoch has {self.sampler.per_rank} samples per process, fewer than "
-                              f"data.batch={data['batch']}; raise data.samples_per_epoch or lower the batch")
-        self.loader_generator = torch.Generator().manual_seed(self.config["seed"])
-        self.loader = DataLoader(self.train_set, batch_size=data["batch"], sampler=self.sampler,
-                                 drop_last=True, num_workers=data["num_workers"],
+                              f"data.batch={data.batch}; raise data.samples_per_epoch or lower the batch")
+        self.loader_generator = torch.Generator().manual_seed(self.settings.seed)
+        self.loader = DataLoader(self.train_set, batch_size=data.batch, sampler=self.sampler,
+                                 drop_last=True, num_workers=data.num_workers,
                                  worker_init_fn=worker_init_fn, generator=self.loader_generator,
                                  pin_memory=self.device.type == "cuda",
                                  persistent_workers=False)
-        self.eval_set = (EvalDataset(self.test_source, seed=self.config["seed"], task_ids=self.task_ids)
+        self.eval_set = (EvalDataset(self.test_source, seed=self.settings.seed, task_ids=self.task_ids)
                          if self.test_source is not None else None)
 
     def _cpu_allocator(self) -> contextlib.AbstractContextManager:
         """``train.cpu_allocator=caching`` on the CPU: freed blocks are kept for the next step (no page
         faults on every step's activations); the allocator before ``fit`` comes back after it."""
-        if self.device.type != "cpu" or self.config["train"]["cpu_allocator"] == "system":
+        if self.device.type != "cpu" or self.settings.train.cpu_allocator == "system":
             return contextlib.nullcontext()
         if not memory.cpu_caching_available():
             self.log("train.cpu_allocator=caching: the compiled extension is unavailable, so CPU tensors "
@@ -195,32 +196,32 @@ class Trainer:
         return model_from_config(self.config["model"]).to(self.device, self.dtype)
 
     def _build_context(self) -> StepContext:
-        cpr = self.config["cpr"]
-        generator = torch.Generator(device=self.device).manual_seed(self.config["seed"] + 1)
+        cpr = self.settings.cpr
+        generator = torch.Generator(device=self.device).manual_seed(self.settings.seed + 1)
         if self.objective == "l1":
             return StepContext(None, None, None, 0, generator)
-        features = build_features(cpr["features"], **cpr["feature_options"]).to(self.device, self.dtype)
-        cpr_loss = build_loss({"type": "cpr", "alpha": cpr["alpha"], "form": cpr["form"],
-                               "distance": cpr["distance"], "anchor_grad": cpr["anchor_grad"],
-                               "margin": cpr["margin"], "tau": cpr["tau"]})
-        if cpr["sampler"] == "other_task":
+        features = build_features(cpr.features, **cpr.feature_options).to(self.device, self.dtype)
+        cpr_loss = build_loss({"type": "cpr", "alpha": cpr.alpha, "form": cpr.form,
+                               "distance": cpr.distance, "anchor_grad": cpr.anchor_grad,
+                               "margin": cpr.margin, "tau": cpr.tau})
+        if cpr.negative_sampler == "other_task":
             sampler = build_negative_sampler("other_task", num_tasks=self.num_tasks,
-                                             memory_size=cpr["memory_size"])
+                                             memory_size=cpr.memory_size)
         else:
             sampler = build_negative_sampler("mismatched_experts", num_prompts=self.model.num_prompts)
         self.negative_sampler = sampler
         if self.info.enabled:
             sampler = GlobalBatchSampler(sampler, self.info)
-        neg_chunk = cpr["neg_chunk"] if self.objective == "fast" else None
-        per_step = cpr["negatives_per_step"] if self.objective == "fast" else None
-        return StepContext(features, cpr_loss, sampler, cpr["m"], generator, neg_chunk, cpr["neg_grad"],
+        neg_chunk = cpr.neg_chunk if self.objective == "fast" else None
+        per_step = cpr.negatives_per_step if self.objective == "fast" else None
+        return StepContext(features, cpr_loss, sampler, cpr.m, generator, neg_chunk, cpr.neg_grad,
                            negatives_per_step=per_step)
 
     def _total_steps(self) -> int:
-        train = self.config["train"]
-        if train["iterations"] is not None:
-            return train["iterations"]
-        steps = train["epochs"] * self.batches_per_epoch // self.config["optim"]["accumulate"]
+        train = self.settings.train
+        if train.iterations is not None:
+            return train.iterations
+        steps = train.epochs * self.batches_per_epoch // self.settings.optim.accumulate
         if steps < 1:
             raise ConfigError("train.epochs gives no optimiser step; raise it or set train.iterations")
         return steps
@@ -233,7 +234,7 @@ class Trainer:
     def info_json(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                 "sampler": {"epoch": self.epoch, "seed": self.sampler.seed,
-                            "start": self.batches_in_epoch * self.config["data"]["batch"]},
+                            "start": self.batches_in_epoch * self.settings.data.batch},
                 "world_size": self.info.world_size, "total_steps": self.total_steps,
                 "objective": self.objective}
 
@@ -243,7 +244,7 @@ class Trainer:
         if self.info.is_main:
             path = save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(),
                                    self.info_json(), ema=self.ema.module if self.ema else None,
-                                   keep=self.config["checkpoint"]["keep"])
+                                   keep=self.settings.checkpoint.keep)
         if self.info.enabled:
             dist.barrier()
         return path
@@ -268,10 +269,10 @@ class Trainer:
     def _relay_schedule(self, saved_total: int) -> None:
         """A run resumed with a new length (``train.iterations``): the schedule is laid over the new
         length and continues from the current step (the warm-up, long done, is not repeated)."""
-        sched = self.config["schedule"]
+        sched = self.settings.schedule
         before = self.scheduler.get_last_lr()[0]
         self.scheduler = self._build_scheduler(start=self.step)
-        self.log(f"the run was {saved_total} steps long and is now {self.total_steps}: the {sched['name']} "
+        self.log(f"the run was {saved_total} steps long and is now {self.total_steps}: the {sched.name} "
                  f"schedule is laid over {self.total_steps} steps and continues at step {self.step} "
                  f"(learning rate {before:.3g} -> {self.scheduler.get_last_lr()[0]:.3g})")
 
@@ -282,7 +283,7 @@ class Trainer:
             self.epoch, self.batches_in_epoch, self._iterator = self.epoch + 1, 0, None
         if self._iterator is None:
             self.sampler.set_epoch(self.epoch)
-            self.sampler.set_start(self.batches_in_epoch * self.config["data"]["batch"])
+            self.sampler.set_start(self.batches_in_epoch * self.settings.data.batch)
             self._iterator = iter(self.loader)
         item = next(self._iterator)
         self.batches_in_epoch += 1
@@ -291,13 +292,13 @@ class Trainer:
                 item["task_id"].to(**move))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return autocast(self.device, self.config["amp"])
+        return autocast(self.device, self.settings.amp)
 
     def cpr_alpha(self, step: int) -> float:
         """The CPR weight at optimiser step ``step``: 0 during ``cpr.warmup_steps``, then ramped in."""
-        cpr = self.config["cpr"]
-        base = self.cpr_calibration.get("alpha", cpr["alpha"])
-        start, ramp = cpr["warmup_steps"], cpr["ramp_steps"]
+        cpr = self.settings.cpr
+        base = self.cpr_calibration.get("alpha", cpr.alpha)
+        start, ramp = cpr.warmup_steps, cpr.ramp_steps
         if step < start:
             return 0.0
         if ramp > 0:
@@ -305,18 +306,18 @@ class Trainer:
         return base
 
     def _needs_calibration(self) -> bool:
-        cpr = self.config["cpr"]
+        cpr = self.settings.cpr
         if self.objective == "l1":
             return False
-        want_alpha = cpr["alpha_relative"] is not None and "alpha" not in self.cpr_calibration
-        want_tau = cpr["form"] == "logistic" and cpr["tau"] is None and "tau" not in self.cpr_calibration
+        want_alpha = cpr.alpha_relative is not None and "alpha" not in self.cpr_calibration
+        want_tau = cpr.form == "logistic" and cpr.tau is None and "tau" not in self.cpr_calibration
         return want_alpha or want_tau
 
     @torch.no_grad()
     def _calibrate(self, batch: Sequence) -> None:
         """Set alpha (``alpha * L_pos = alpha_relative * L1``) and the logistic tau (``L_pos``) from one
         batch, with a copy of the negatives' generator so the run's draws are unchanged."""
-        cpr = self.config["cpr"]
+        cpr = self.settings.cpr
         loss = self.context.cpr_loss
         saved_alpha, saved_tau = loss.alpha, loss.tau
         generator = torch.Generator(device=self.context.generator.device)
@@ -335,9 +336,9 @@ class Trainer:
         l1, l_pos = float(values[0]), float(values[1])
         if not (math.isfinite(l_pos) and l_pos > 0):
             raise FloatingPointError(f"cannot calibrate CPR: L_pos of the first batch is {l_pos}")
-        if cpr["alpha_relative"] is not None and "alpha" not in self.cpr_calibration:
-            self.cpr_calibration["alpha"] = cpr["alpha_relative"] * l1 / l_pos
-        if cpr["form"] == "logistic" and cpr["tau"] is None and "tau" not in self.cpr_calibration:
+        if cpr.alpha_relative is not None and "alpha" not in self.cpr_calibration:
+            self.cpr_calibration["alpha"] = cpr.alpha_relative * l1 / l_pos
+        if cpr.form == "logistic" and cpr.tau is None and "tau" not in self.cpr_calibration:
             self.cpr_calibration["tau"] = l_pos
         self.log(f"CPR calibrated on the first batch (L1 {l1:.4g}, L_pos {l_pos:.4g}): "
                  + ", ".join(f"{key} = {value:.4g}" for key, value in self.cpr_calibration.items()))
@@ -347,7 +348,7 @@ class Trainer:
         if self.context.cpr_loss is None:
             return
         alpha = self.cpr_alpha(self.step)
-        self.context.l1_only = alpha == 0.0 and self.config["cpr"]["warmup_steps"] > self.step
+        self.context.l1_only = alpha == 0.0 and self.settings.cpr.warmup_steps > self.step
         if self.context.l1_only:
             self.context.cpr_loss.alpha = 0.0
             return
@@ -358,14 +359,14 @@ class Trainer:
             self.context.cpr_loss.tau = self.cpr_calibration["tau"]
 
     def _router_loss(self, out: CPLStepOutput) -> torch.Tensor | None:
-        router = self.config["router"]
-        if router_balance(self.config) != "aux_loss" or router["aux_weight"] == 0:
+        router = self.settings.router
+        if router_balance(self.config) != "aux_loss" or router.aux_weight == 0:
             return None
-        return router["aux_weight"] * load_balancing_loss(out.routing, self.model.num_prompts)
+        return router.aux_weight * load_balancing_loss(out.routing, self.model.num_prompts)
 
     def train_step(self) -> dict[str, float]:
         """One optimiser step over ``optim.accumulate`` micro-batches; returns the logged terms."""
-        accumulate = self.config["optim"]["accumulate"]
+        accumulate = self.settings.optim.accumulate
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "l1": 0.0, "cpr": 0.0, "l_pos": 0.0, "l_neg": 0.0}
@@ -400,12 +401,12 @@ class Trainer:
         if router_balance(self.config) == "bias":
             merged = [Routing(torch.cat([r[level] for r in routings]), torch.empty(0))
                       for level in range(len(routings[0]))]
-            update_route_bias(self.model, merged, self.config["router"]["bias_rate"], self.info.enabled)
+            update_route_bias(self.model, merged, self.settings.router.bias_rate, self.info.enabled)
         self.health.observe([torch.cat([r[level] for r in routings]) for level in range(len(routings[0]))],
                             torch.cat(task_ids))
         sums["alpha"] = self.context.cpr_loss.alpha if self.context.cpr_loss is not None else 0.0
         sums.update(extras)
-        grad_clip = self.config["optim"]["grad_clip"]
+        grad_clip = self.settings.optim.grad_clip
         if grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
@@ -431,14 +432,14 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
-        cfg = self.config
+        cfg = self.settings
         if self.info.is_main:
             self.log.open(self.run_dir)
-        self.log.open_metrics(cfg, self.run_dir, self.step, enabled=self.info.is_main)
+        self.log.open_metrics(self.config, self.run_dir, self.step, enabled=self.info.is_main)
         # A bar only on a terminal: redirected output gets one plain line every log_every steps instead
         # of carriage-return updates.
-        self.bar_shown = cfg["logging"]["progress"] and self.info.is_main and sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg['name']} [{self.objective}]",
+        self.bar_shown = cfg.logging.progress and self.info.is_main and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.name} [{self.objective}]",
                    disable=not self.bar_shown, dynamic_ncols=True)
         start_step, started = self.step, time.perf_counter()
         try:
@@ -453,9 +454,9 @@ class Trainer:
 
     def _fit_steps(self, bar, start_step: int, started: float, validate: Validate | None) -> None:
         """The step loop of ``fit``: step, log, validate, checkpoint every ``checkpoint.every`` steps."""
-        cfg = self.config
-        images_per_step = cfg["data"]["batch"] * cfg["optim"]["accumulate"] * self.info.world_size
-        log_every, eval_every = cfg["train"]["log_every"], cfg["eval"]["every"]
+        cfg = self.settings
+        images_per_step = cfg.data.batch * cfg.optim.accumulate * self.info.world_size
+        log_every, eval_every = cfg.train.log_every, cfg.eval.every
         gaps: list[float] = []
         postfix = BarPostfix()
         while self.step < self.total_steps:
@@ -486,7 +487,7 @@ class Trainer:
             if validate is not None and self.info.is_main and eval_every and (self.step % eval_every == 0
                                                                               or last):
                 self._validate(validate)
-            if self.step % cfg["checkpoint"]["every"] == 0 and not last:
+            if self.step % cfg.checkpoint.every == 0 and not last:
                 path = self.save()
                 self.log(f"checkpoint {path}")
 
@@ -509,7 +510,7 @@ class Trainer:
         self.log(f"validation at step {self.step}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.4f} "
                  f"({per_task})")
         better = self.best is None or values["psnr"] > self.best["psnr"]
-        if self.config["checkpoint"]["keep_best"] and better:
+        if self.settings.checkpoint.keep_best and better:
             self.best = {"step": self.step, **values}
             path = save_best(self.run_dir, self.model, self.best,
                              ema=self.ema.module if self.ema is not None else None)
