@@ -58,9 +58,8 @@ def capture_trainer_state(trainer: Trainer) -> dict[str, Any]:
             "negative_generator": trainer.context.generator.get_state(),
             "loader_generator": trainer.loader_generator.get_state(),
             "sampler_memory": sampler_memory(getattr(trainer, "negative_sampler", None)),
-            "history": trainer.history, "cpr_calibration": dict(trainer.cpr_calibration),
-            "health": trainer.health.state_dict(), "validations": list(trainer.validations),
-            "best": trainer.best}
+            "history": trainer.history, "cpr_calibration": trainer.cpr_weight.state_dict(),
+            "health": trainer.health.state_dict(), **trainer.records.state_dict()}
 
 
 def restore_trainer_state(trainer: Trainer, state: Mapping[str, Any]) -> None:
@@ -72,9 +71,8 @@ def restore_trainer_state(trainer: Trainer, state: Mapping[str, Any]) -> None:
     restore_sampler_memory(getattr(trainer, "negative_sampler", None), state["sampler_memory"],
                            trainer.device)
     trainer.history = list(state["history"])
-    trainer.cpr_calibration = dict(state.get("cpr_calibration") or {})
+    trainer.cpr_weight.load_state_dict(state.get("cpr_calibration"))
     trainer.health.load_state_dict(state.get("health") or {})
-    trainer.validations = list(state.get("validations") or [])
-    trainer.best = state.get("best")
+    trainer.records.load_state_dict(state)
     # Last: nothing after it may draw from the global generators before the first resumed step.
     restore_rng(state["rng"])

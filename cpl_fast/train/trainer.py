@@ -48,11 +48,11 @@ from cpl_fast.data.sources import data_sources
 from cpl_fast.inference.restoration import autocast
 from cpl_fast.losses import build_features, build_loss
 from cpl_fast.losses.negatives import build_negative_sampler
-from cpl_fast.metrics.protocols import average
 from cpl_fast.metrics.routing import prompt_gap_db
 from cpl_fast.models import Routing
 from cpl_fast.models.registry import model_from_config
 from cpl_fast.runs.checkpoints import load_newest_checkpoint, save_best, save_checkpoint
+from cpl_fast.train.cpr_weight import CprWeight
 from cpl_fast.train.distributed import DistInfo, GlobalBatchSampler, init_distributed, resolve_device
 from cpl_fast.train.ema import EMA
 from cpl_fast.train.health import TrainingHealth
@@ -64,6 +64,7 @@ from cpl_fast.train.schedule import build_optimizer, build_scheduler
 from cpl_fast.train.steps import STEPS, StepFn, l1_step, resolve_objective
 from cpl_fast.train.steps.output import CPLStepOutput
 from cpl_fast.train.steps.runner import StepContext, StepModule
+from cpl_fast.train.validations import Validations, validation_values
 
 # Kept importable from here: the commands and older callers read them from this module.
 __all__ = ["STEPS", "DistInfo", "GlobalBatchSampler", "StepContext", "StepFn", "StepModule", "Trainer",
@@ -148,11 +149,8 @@ class Trainer:
         """The run's position and records, all empty at the start (a checkpoint fills them on resume)."""
         self.step, self.epoch, self.batches_in_epoch = 0, 0, 0
         self.history: list[dict[str, float]] = []
-        # alpha / tau set from the first CPR batch (cpr.alpha_relative, logistic tau: null): saved with
-        # the trainer state so a resumed run keeps them.
-        self.cpr_calibration: dict[str, float] = {}
-        self.validations: list[dict[str, float]] = []   # eval.every: the scores of each validation
-        self.best: dict[str, float] | None = None         # checkpoint.keep_best: the best validation
+        self.cpr_weight = CprWeight(self.settings)
+        self.records = Validations()
         self.health = TrainingHealth(self.model, self.config, self.log)
         self._iterator = None
 
@@ -295,29 +293,18 @@ class Trainer:
         return autocast(self.device, self.settings.amp)
 
     def cpr_alpha(self, step: int) -> float:
-        """The CPR weight at optimiser step ``step``: 0 during ``cpr.warmup_steps``, then ramped in."""
-        cpr = self.settings.cpr
-        base = self.cpr_calibration.get("alpha", cpr.alpha)
-        start, ramp = cpr.warmup_steps, cpr.ramp_steps
-        if step < start:
-            return 0.0
-        if ramp > 0:
-            return base * min(1.0, (step - start + 1) / ramp)
-        return base
+        """The CPR weight at optimiser step ``step`` (:class:`CprWeight`)."""
+        return self.cpr_weight.alpha(step)
 
-    def _needs_calibration(self) -> bool:
-        cpr = self.settings.cpr
-        if self.objective == "l1":
-            return False
-        want_alpha = cpr.alpha_relative is not None and "alpha" not in self.cpr_calibration
-        want_tau = cpr.form == "logistic" and cpr.tau is None and "tau" not in self.cpr_calibration
-        return want_alpha or want_tau
+    @property
+    def cpr_calibration(self) -> dict[str, float]:
+        """alpha / tau measured on the first CPR batch (empty before it, or when nothing is calibrated)."""
+        return self.cpr_weight.calibration
 
     @torch.no_grad()
-    def _calibrate(self, batch: Sequence) -> None:
-        """Set alpha (``alpha * L_pos = alpha_relative * L1``) and the logistic tau (``L_pos``) from one
-        batch, with a copy of the negatives' generator so the run's draws are unchanged."""
-        cpr = self.settings.cpr
+    def _calibration_losses(self, batch: Sequence) -> tuple[float, float]:
+        """``(L1, mean L_pos)`` of one batch at alpha 1, averaged over the processes, drawn with a copy
+        of the negatives' generator so the run's draws are unchanged."""
         loss = self.context.cpr_loss
         saved_alpha, saved_tau = loss.alpha, loss.tau
         generator = torch.Generator(device=self.context.generator.device)
@@ -333,30 +320,13 @@ class Trainer:
         if self.info.enabled:
             dist.all_reduce(values)
             values /= self.info.world_size
-        l1, l_pos = float(values[0]), float(values[1])
-        if not (math.isfinite(l_pos) and l_pos > 0):
-            raise FloatingPointError(f"cannot calibrate CPR: L_pos of the first batch is {l_pos}")
-        if cpr.alpha_relative is not None and "alpha" not in self.cpr_calibration:
-            self.cpr_calibration["alpha"] = cpr.alpha_relative * l1 / l_pos
-        if cpr.form == "logistic" and cpr.tau is None and "tau" not in self.cpr_calibration:
-            self.cpr_calibration["tau"] = l_pos
-        self.log(f"CPR calibrated on the first batch (L1 {l1:.4g}, L_pos {l_pos:.4g}): "
-                 + ", ".join(f"{key} = {value:.4g}" for key, value in self.cpr_calibration.items()))
+        return float(values[0]), float(values[1])
 
     def _prepare_cpr(self, batch: Sequence) -> None:
         """This step's CPR settings: warm-up, calibration, alpha."""
-        if self.context.cpr_loss is None:
-            return
-        alpha = self.cpr_alpha(self.step)
-        self.context.l1_only = alpha == 0.0 and self.settings.cpr.warmup_steps > self.step
-        if self.context.l1_only:
-            self.context.cpr_loss.alpha = 0.0
-            return
-        if self._needs_calibration():
-            self._calibrate(batch)
-        self.context.cpr_loss.alpha = self.cpr_alpha(self.step)
-        if "tau" in self.cpr_calibration:
-            self.context.cpr_loss.tau = self.cpr_calibration["tau"]
+        if self.context.cpr_loss is not None:
+            self.context.l1_only = self.cpr_weight.prepare(
+                self.context.cpr_loss, self.step, lambda: self._calibration_losses(batch), self.log)
 
     def _router_loss(self, out: CPLStepOutput) -> torch.Tensor | None:
         router = self.settings.router
@@ -497,21 +467,23 @@ class Trainer:
         scores = result["scores"]
         if not scores:
             return
-        values = average(scores)  # the papers' unweighted mean over tasks, as cpl-eval reports it
-        values.update({f"psnr_{task}": s["psnr"] for task, s in scores.items()})
-        levels = len(next(iter(scores.values()))["levels"])
-        for level in range(levels):
-            values[f"selection_entropy_l{level}"] = float(np.mean(
-                [s["levels"][level]["selection_entropy"] for s in scores.values() if s["levels"]]))
+        values = validation_values(scores)
         self.log.scalars(values, self.step, lambda key: "eval")
         self.log.images(result.get("images") or {}, self.step)
-        self.validations.append({"step": self.step, **values})
         per_task = ", ".join(f"{task} {s['psnr']:.2f}" for task, s in scores.items())
         self.log(f"validation at step {self.step}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.4f} "
                  f"({per_task})")
-        better = self.best is None or values["psnr"] > self.best["psnr"]
-        if self.settings.checkpoint.keep_best and better:
-            self.best = {"step": self.step, **values}
-            path = save_best(self.run_dir, self.model, self.best,
+        if self.records.add(self.step, values, keep_best=self.settings.checkpoint.keep_best):
+            path = save_best(self.run_dir, self.model, self.records.best,
                              ema=self.ema.module if self.ema is not None else None)
             self.log(f"best so far (PSNR {values['psnr']:.2f} dB at step {self.step}): {path}")
+
+    @property
+    def validations(self) -> list[dict[str, float]]:
+        """The scores of each validation so far (``eval.every``)."""
+        return self.records.records
+
+    @property
+    def best(self) -> dict[str, float] | None:
+        """``checkpoint.keep_best``: the best validation so far."""
+        return self.records.best
