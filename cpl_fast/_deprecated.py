@@ -30,6 +30,7 @@ MOVED = {
     "cpl_fast.train.fast_step": "cpl_fast.train.steps.fast",
     "cpl_fast.train.step_inputs": "cpl_fast.train.steps.inputs",
     "cpl_fast.train.step_output": "cpl_fast.train.steps.output",
+    "cpl_fast.train.negative_grad": "cpl_fast.train.steps.negative_grad",
     # the commands
     "cpl_fast.train.cli": "cpl_fast.cli.train",
     "cpl_fast.eval.cli": "cpl_fast.cli.eval",

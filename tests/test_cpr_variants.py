@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cpl_fast.losses import CPRLoss, PerceptualFeatures
 from cpl_fast.models import build_model
 from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step, loop_cpl_step
-from cpl_fast.train.negative_grad import NEG_GRAD_MODES, excluded_parameters, negative_pass
+from cpl_fast.train.steps.negative_grad import NEG_GRAD_MODES, excluded_parameters, negative_pass
 
 SIZE = 8
 

@@ -8,7 +8,8 @@ Every step has the signature ``step(model, batch, features, cpr_loss, sampler, m
 * ``fast``: the encoder shared by the positive and its negatives, one decode over all rows;
 * ``l1``: plain L1, for the dense and sparse baselines without CPR.
 
-The CPL steps end in ``cpl_fast.losses.cpr.cpl_loss``; ``inputs`` and ``output`` hold what they share.
+The CPL steps end in ``cpl_fast.losses.cpr.cpl_loss``; ``inputs``, ``output`` and ``negative_grad`` (where
+the negatives' gradient goes) hold what they share.
 """
 from __future__ import annotations
 

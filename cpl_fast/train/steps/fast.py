@@ -48,7 +48,7 @@ from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.protocol import map_state
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.negative_grad import check_mode, detaches_shared_state, negative_pass
+from cpl_fast.train.steps.negative_grad import check_mode, detaches_shared_state, negative_pass
 from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, unpack_batch
 from cpl_fast.train.steps.output import CPLStepOutput
 
@@ -108,7 +108,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     Same arguments and result as ``literal_cpl_step``; ``negatives`` drawn with the same
     ``generator`` seed are the same. ``neg_chunk``: decode (and run ``phi`` on) at most that many
     negatives per pass, to bound the size of one pass; same result. ``neg_grad``: see
-    ``cpl_fast.train.negative_grad``.
+    ``cpl_fast.train.steps.negative_grad``.
 
     ``negatives_per_step``: decode only that many (``r``) of the ``m`` negatives, drawn uniformly
     without replacement with ``generator`` before anything else (see the module docstring: the

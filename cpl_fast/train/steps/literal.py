@@ -18,7 +18,7 @@ from torch import nn
 from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.negative_grad import check_mode, negative_pass
+from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
 from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, unpack_batch
 from cpl_fast.train.steps.output import CPLStepOutput
 
@@ -47,7 +47,7 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
     ``batch``: ``(degraded, target, task_ids or None)``. ``negatives``: ``m`` per-level forced
     routings covering the batch (drawn with ``sampler(..., generator=generator)`` when None).
     ``neg_weights``: optional ``(B, m)`` weights on the negative term (see ``CPRLoss``).
-    ``neg_grad``: which parameters the negatives' gradient reaches (``cpl_fast.train.negative_grad``).
+    ``neg_grad``: which parameters the negatives' gradient reaches (``cpl_fast.train.steps.negative_grad``).
     """
     check_mode(neg_grad)
     degraded, target, task_ids = unpack_batch(batch)

@@ -28,7 +28,7 @@ class StepContext:
     m: int
     generator: torch.Generator
     neg_chunk: int | None = None  # objective fast only
-    neg_grad: str = "all"         # where the negatives' gradient goes (cpl_fast.train.negative_grad)
+    neg_grad: str = "all"         # where the negatives' gradient goes (cpl_fast.train.steps.negative_grad)
     l1_only: bool = False         # CPR warm-up: this step is plain L1
     negatives_per_step: int | None = None  # objective fast only: negatives decoded per step
 
