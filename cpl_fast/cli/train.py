@@ -195,8 +195,8 @@ def _claim(config: Mapping[str, Any], run_dir: Path | None, resume: bool, overwr
     return claim
 
 
-def _broadcast(value: Any, info: Any) -> Any:
-    if not info.enabled:
+def _broadcast(value: Any, process: Any) -> Any:
+    if not process.enabled:
         return value
     import torch.distributed as dist
 
@@ -259,7 +259,7 @@ def _not_evaluated(config: Mapping[str, Any], trainer: Any) -> str:
     return ""
 
 
-def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) -> RunResult | None:
+def train_run(config: Mapping[str, Any], folder: Path, resume: bool, process: Any) -> RunResult | None:
     """Train one run (evaluating before/after when asked); rank 0 returns its result, others None.
 
     Resuming a finished run trains only when the config now asks for more steps (``train.iterations``);
@@ -278,20 +278,20 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
     finished = resume and (folder / RESULT_FILE).is_file()
     resume = resume and _has_checkpoint(folder)
     if finished and not resume:
-        return RunResult.load(folder / RESULT_FILE) if info.is_main else None
-    trainer = Trainer(config, folder, resume=resume, info=info)
+        return RunResult.load(folder / RESULT_FILE) if process.is_main else None
+    trainer = Trainer(config, folder, resume=resume, process=process)
     if finished and trainer.step >= trainer.total_steps:
         trainer.log(f"{folder} finished at step {trainer.step} of {trainer.total_steps}: nothing to train "
                     f"(raise train.iterations, e.g. --set train.iterations={trainer.step * 2}, to extend it)")
-        return RunResult.load(folder / RESULT_FILE) if info.is_main else None
+        return RunResult.load(folder / RESULT_FILE) if process.is_main else None
     # Before the first step allocates: a crop or batch that cannot fit is refused here.
     check_step_memory(trainer.model, config, trainer.device, trainer.dtype,
                       features=getattr(trainer.context, "features", None), warn=trainer.log)
     # Only now that the data and model are known to be valid: a failed start leaves no run folder behind.
-    if info.is_main:
+    if process.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         dump_yaml(config, folder / CONFIG_FILE)  # on resume: with the overrides it was resumed with
-    evaluate_now = config["eval"]["before_after"] and trainer.eval_set is not None and info.is_main
+    evaluate_now = config["eval"]["before_after"] and trainer.eval_set is not None and process.is_main
 
     def score() -> dict[str, Any]:
         return evaluate(trainer.eval_model(), trainer.eval_set, trainer.device, trainer.dtype,
@@ -305,10 +305,10 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
             trainer.log(f"evaluating {config['name']} before training ...")
             before = score()
             atomic_write_bytes(folder / BEFORE_FILE, json.dumps(before).encode("utf-8"))
-    if info.enabled:
+    if process.enabled:
         dist.barrier()
-    history = trainer.fit(validate=_validation(config, trainer) if info.is_main else None)
-    if not info.is_main:
+    history = trainer.fit(validate=_validation(config, trainer) if process.is_main else None)
+    if not process.is_main:
         return None
     if evaluate_now:
         trainer.log(f"evaluating {config['name']} after training ...")
@@ -327,7 +327,7 @@ def train_run(config: Mapping[str, Any], folder: Path, resume: bool, info: Any) 
     return result
 
 
-def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> list[Any]:
+def run(config: Mapping[str, Any], run_dir: Path, resume: bool, process: Any) -> list[Any]:
     """The main run and its baselines, then the report (rank 0); the runs' ``RunResult``."""
     from cpl_fast.config import apply_overrides, flat_dotted
     from cpl_fast.train.report import write_report
@@ -340,10 +340,10 @@ def run(config: Mapping[str, Any], run_dir: Path, resume: bool, info: Any) -> li
         runs.append((variant, run_dir / name))
     results = []
     for cfg, folder in runs:
-        result = train_run(cfg, folder, resume, info)
+        result = train_run(cfg, folder, resume, process)
         if result is not None:
             results.append(result)
-    if info.is_main and config["report"]["enabled"]:
+    if process.is_main and config["report"]["enabled"]:
         notes = [f"Preset `{config['name']}`; every run used the same data, crops, batches, steps and seed "
                  f"({config['seed']}). Scores are on full test images under the metric protocol `promptir` "
                  f"(RGB PSNR/SSIM, centre crop to a multiple of 16, padded to the model's multiple)."]
@@ -387,21 +387,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         from cpl_fast.config import cuda_requested
         from cpl_fast.train.trainer import init_distributed
 
-        info = init_distributed(cuda_requested(config))
+        process = init_distributed(cuda_requested(config))
         refused = None
-        if info.is_main:
+        if process.is_main:
             try:
                 claim = _claim(config, run_dir, resume, args.overwrite)
                 run_dir = claim.folder
             except (RunFolderError, OSError) as exc:
                 refused = error_text(exc)
-        where, refused = _broadcast((str(run_dir), refused), info)
+        where, refused = _broadcast((str(run_dir), refused), process)
         if refused is not None:
             raise RunFolderError(refused)
         run_dir = Path(where)
-        if info.is_main:
+        if process.is_main:
             log.info("run folder: %s", run_dir)
-        results = run(config, run_dir, resume, info)
+        results = run(config, run_dir, resume, process)
         failed = False
     except usage_errors as exc:
         return fail(PROG, exc, USAGE)

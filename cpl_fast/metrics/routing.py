@@ -70,9 +70,10 @@ def collapse_warnings(levels: Sequence[dict[str, Any]], gap_db: float | None = N
     """Warnings for collapsed levels (one expert, no task information) and a very large prompt gap."""
     out = []
     for level, stats in enumerate(levels):
-        info = stats.get("task_information")
-        if stats["usage_entropy"] < COLLAPSE_USAGE_BITS and (info is None or info < COLLAPSE_TASK_BITS):
-            told = "" if info is None else f", task information {info:.2f} bits"
+        task_bits = stats.get("task_information")
+        uninformative = task_bits is None or task_bits < COLLAPSE_TASK_BITS
+        if stats["usage_entropy"] < COLLAPSE_USAGE_BITS and uninformative:
+            told = "" if task_bits is None else f", task information {task_bits:.2f} bits"
             out.append(f"routing collapsed at prompt level {level}: expert {stats['top_expert']} takes "
                        f"{100 * stats['top_share']:.0f}% of the samples{told}. The experts cannot "
                        f"specialise; try router.balance=bias (or aux_loss)")

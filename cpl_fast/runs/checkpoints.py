@@ -142,11 +142,11 @@ def _replace_folder(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, trainer_state: Mapping[str, Any],
-                    info: Mapping[str, Any], ema: nn.Module | None = None, keep: int = 3) -> Path:
+                    position: Mapping[str, Any], ema: nn.Module | None = None, keep: int = 3) -> Path:
     """Write checkpoint ``step`` atomically, point ``latest`` at it, keep the newest ``keep``.
 
     ``trainer_state``: tensors and containers for ``torch.save`` (optimiser, scheduler, RNG states);
-    ``info``: JSON-able summary (step, epoch, sampler position). Returns the checkpoint folder.
+    ``position``: where the run stands, JSON-able (step, epoch, data order). Returns the checkpoint folder.
     Raises :class:`NonFiniteWeightsError` (and writes nothing) when the weights are not finite.
     """
     if keep < 1:
@@ -174,7 +174,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, trainer_st
         torch.save(dict(trainer_state), tmp / TRAINER_STATE)
         files.append(TRAINER_STATE)
         sizes = {file: (tmp / file).stat().st_size for file in files}
-        (tmp / STATE_JSON).write_text(json.dumps({**info, "step": step, "files": files, "sizes": sizes},
+        (tmp / STATE_JSON).write_text(json.dumps({**position, "step": step, "files": files, "sizes": sizes},
                                                  indent=2), encoding="utf-8")
         for file in tmp.iterdir():
             _fsync_file(file)
@@ -189,7 +189,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, trainer_st
     return final
 
 
-def save_best(run_dir: str | Path, model: nn.Module, info: Mapping[str, Any],
+def save_best(run_dir: str | Path, model: nn.Module, record: Mapping[str, Any],
               ema: nn.Module | None = None) -> Path:
     """Write ``RUN/checkpoints/best`` (the weights, and ``best.json``: the step and its scores),
     replacing the previous best atomically. Rotation (``keep``) never touches it."""
@@ -200,7 +200,7 @@ def save_best(run_dir: str | Path, model: nn.Module, info: Mapping[str, Any],
         save_model_state(model, tmp / MODEL_FILE)
         if ema is not None:
             save_model_state(ema, tmp / EMA_FILE)
-        (tmp / BEST_JSON).write_text(json.dumps(dict(info), indent=1), encoding="utf-8")
+        (tmp / BEST_JSON).write_text(json.dumps(dict(record), indent=1), encoding="utf-8")
         _fsync_dir(tmp)
         _replace_folder(tmp, root / BEST_DIR)
     except BaseException:
@@ -225,15 +225,15 @@ def _prune(root: Path, keep: int, current: str) -> None:
 def _read_state_json(folder: Path) -> dict[str, Any]:
     path = folder / STATE_JSON
     try:
-        info = json.loads(path.read_bytes().decode("utf-8"))
+        position = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {folder} is incomplete: missing {STATE_JSON}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"checkpoint {folder}: {STATE_JSON} is corrupt ({exc})") from None
-    if not isinstance(info, dict) or not isinstance(info.get("step"), int):
+    if not isinstance(position, dict) or not isinstance(position.get("step"), int):
         raise CheckpointError(f"checkpoint {folder}: {STATE_JSON} is not a checkpoint summary "
                               f"(no integer 'step')")
-    return info
+    return position
 
 
 def _safetensors_problem(path: Path) -> str | None:
@@ -271,13 +271,13 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
     if not folder.is_dir():
         return [f"checkpoint {folder} does not exist"]
     try:
-        info = _read_state_json(folder)
+        position = _read_state_json(folder)
     except CheckpointError as exc:
         missing = [f for f in (STATE_JSON, TRAINER_STATE, MODEL_FILE) if not (folder / f).is_file()]
         if missing:
             return [f"checkpoint {folder} is incomplete: missing {', '.join(missing)}"]
         return [str(exc)]
-    files = info.get("files", [MODEL_FILE, TRAINER_STATE])
+    files = position.get("files", [MODEL_FILE, TRAINER_STATE])
     plain = isinstance(files, list) and all(isinstance(f, str) and Path(f).name == f for f in files)
     if not plain:
         return [f"checkpoint {folder}: {STATE_JSON} has a malformed file list"]
@@ -285,7 +285,7 @@ def checkpoint_problems(folder: str | Path) -> list[str]:
     if missing:
         return [f"checkpoint {folder} is incomplete: missing {', '.join(missing)}"]
     problems = []
-    sizes = info.get("sizes") if isinstance(info.get("sizes"), dict) else {}
+    sizes = position.get("sizes") if isinstance(position.get("sizes"), dict) else {}
     for file in files:
         path = folder / file
         if file in sizes and path.stat().st_size != sizes[file]:
@@ -412,7 +412,7 @@ def load_trainer_state(path: str | Path, map_location: str | torch.device = "cpu
 
 def read_checkpoint(folder: str | Path, model: nn.Module, ema: nn.Module | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into ``model`` (and ``ema``); return ``(info, trainer_state)``.
+    """Load weights into ``model`` (and ``ema``); return ``(position, trainer_state)``.
 
     CheckpointError naming the file for anything missing, corrupt or refused (see the module docstring).
     """
@@ -420,7 +420,7 @@ def read_checkpoint(folder: str | Path, model: nn.Module, ema: nn.Module | None 
     problems = checkpoint_problems(folder)
     if problems:
         raise CheckpointError("; ".join(problems))
-    info = _read_state_json(folder)
+    position = _read_state_json(folder)
     targets = [(model, MODEL_FILE)] + ([(ema, EMA_FILE)] if ema is not None else [])
     if ema is not None and not (folder / EMA_FILE).is_file():
         raise CheckpointError(f"checkpoint {folder} has no EMA weights but EMA is enabled")
@@ -430,13 +430,13 @@ def read_checkpoint(folder: str | Path, model: nn.Module, ema: nn.Module | None 
         except (ValueError, FileNotFoundError) as exc:
             raise CheckpointError(f"checkpoint {folder}: {file} cannot be loaded ({exc})") from None
     trainer_state = load_trainer_state(folder / TRAINER_STATE, map_location=map_location)
-    return info, trainer_state
+    return position, trainer_state
 
 
 def load_newest_checkpoint(run_dir: str | Path, model: nn.Module, ema: nn.Module | None = None,
                            map_location: str | torch.device = "cpu", warn: Warn | None = None,
                            ) -> tuple[Path, dict[str, Any], dict[str, Any]]:
-    """``(folder, info, trainer_state)`` of the newest checkpoint that reads completely.
+    """``(folder, position, trainer_state)`` of the newest checkpoint that reads completely.
 
     The one ``latest`` names first; a checkpoint that is missing, incomplete or corrupt is skipped with a
     warning for the next older one. A refused (hostile) trainer state stops here: it is never skipped.
@@ -447,7 +447,7 @@ def load_newest_checkpoint(run_dir: str | Path, model: nn.Module, ema: nn.Module
     reasons = []
     for folder in order:
         try:
-            info, state = read_checkpoint(folder, model, ema, map_location=map_location)
+            position, state = read_checkpoint(folder, model, ema, map_location=map_location)
         except UnsafeCheckpointError:
             raise
         except CheckpointError as exc:
@@ -455,5 +455,5 @@ def load_newest_checkpoint(run_dir: str | Path, model: nn.Module, ema: nn.Module
             continue
         if reasons:
             warn(f"{'; '.join(reasons)}: using {folder}, the newest complete checkpoint")
-        return folder, info, state
+        return folder, position, state
     raise CheckpointError(f"run folder {run_dir} has no readable checkpoint: {'; '.join(reasons)}")

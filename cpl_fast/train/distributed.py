@@ -49,10 +49,10 @@ def init_distributed(use_cuda: bool) -> DistInfo:
     return DistInfo(rank, world_size, local_rank)
 
 
-def resolve_device(name: str, info: DistInfo) -> torch.device:
+def resolve_device(name: str, process: DistInfo) -> torch.device:
     """The config's ``device`` (``auto``: CUDA when available); ``cuda`` is this rank's GPU in a job."""
     try:
-        return devices.resolve_device(name, info.local_rank if info.enabled else None)
+        return devices.resolve_device(name, process.local_rank if process.enabled else None)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -66,12 +66,12 @@ class GlobalBatchSampler:
     global batch, so all ranks draw the same negatives, and the same as one process would.
     """
 
-    def __init__(self, inner: NegativeSampler, info: DistInfo) -> None:
-        self.inner, self.info = inner, info
+    def __init__(self, inner: NegativeSampler, process: DistInfo) -> None:
+        self.inner, self.process = inner, process
         self.draws_by_level = inner.draws_by_level
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(tensor) for _ in range(self.info.world_size)]
+        parts = [torch.empty_like(tensor) for _ in range(self.process.world_size)]
         dist.all_gather(parts, tensor.detach().contiguous())
         # (W, b, ...) -> (b, W, ...) -> (b W, ...): interleaved like the data sampler's shards.
         return torch.stack(parts).transpose(0, 1).reshape(-1, *tensor.shape[1:])
@@ -81,7 +81,7 @@ class GlobalBatchSampler:
         return Routing(self._gather(routing.indices), self._gather(routing.weights), probs)
 
     def _mine(self, routing: Routing) -> Routing:
-        r, w = self.info.rank, self.info.world_size
+        r, w = self.process.rank, self.process.world_size
         probs = None if routing.probs is None else routing.probs[r::w]
         return Routing(routing.indices[r::w], routing.weights[r::w], probs)
 

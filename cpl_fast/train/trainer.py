@@ -80,14 +80,14 @@ class Trainer:
     newest checkpoint of ``run_dir`` exactly."""
 
     def __init__(self, config: Mapping[str, Any], run_dir: str | Path, resume: bool = False,
-                 info: DistInfo | None = None, log: Callable[[str], None] | None = log_message) -> None:
+                 process: DistInfo | None = None, log: Callable[[str], None] | None = log_message) -> None:
         """``log``: where messages go besides ``RUN/train.log``: the ``cpl_fast.train`` logger by
         default, None for nowhere, or any callable taking one message."""
         self.config = config
         self.settings = as_settings(config)
         self.run_dir = Path(run_dir)
-        self.info = info or DistInfo()
-        self.log = RunLog(log if self.info.is_main else None)
+        self.process = process or DistInfo()
+        self.log = RunLog(log if self.process.is_main else None)
         # The order matters: the device before anything is placed on it, the seed before anything
         # random (data, weights, features), the model before what reads it (sampler, optimiser), the
         # run's length before the schedule, and every part before the checkpoint is read into it.
@@ -113,7 +113,7 @@ class Trainer:
         settings = self.settings
         if settings.threads is not None:
             torch.set_num_threads(settings.threads)
-        self.device = resolve_device(settings.device, self.info)
+        self.device = resolve_device(settings.device, self.process)
         if settings.amp != "none" and self.device.type != "cuda":
             raise ConfigError(f"amp={settings.amp} needs a CUDA GPU; this run is on {self.device}")
         self.dtype = torch.float64 if settings.precision == "float64" else torch.float32
@@ -131,7 +131,7 @@ class Trainer:
     def _build_runner(self, step: StepFn) -> tuple[StepModule, nn.Module]:
         """The step as a module, and what runs it: the module itself, or its DDP wrapper in a job."""
         step_module = StepModule(self.model, step)
-        if not self.info.enabled:
+        if not self.process.enabled:
             return step_module, step_module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -165,7 +165,7 @@ class Trainer:
                                       skip_unreadable=data.skip_unreadable)
         self.sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data.samples_per_epoch,
                                            seed=self.settings.seed, balanced=data.balanced,
-                                           rank=self.info.rank, world_size=self.info.world_size)
+                                           rank=self.process.rank, world_size=self.process.world_size)
         self.batches_per_epoch = self.sampler.per_rank // data.batch
         if self.batches_per_epoch < 1:
             raise ConfigError(f"an epoch has {self.sampler.per_rank} samples per process, fewer than "
@@ -208,8 +208,8 @@ class Trainer:
         else:
             sampler = build_negative_sampler("mismatched_experts", num_prompts=self.model.num_prompts)
         self.negative_sampler = sampler
-        if self.info.enabled:
-            sampler = GlobalBatchSampler(sampler, self.info)
+        if self.process.enabled:
+            sampler = GlobalBatchSampler(sampler, self.process)
         neg_chunk = cpr.neg_chunk if self.objective == "fast" else None
         per_step = cpr.negatives_per_step if self.objective == "fast" else None
         return StepContext(features, cpr_loss, sampler, cpr.m, generator, neg_chunk, cpr.neg_grad,
@@ -229,35 +229,37 @@ class Trainer:
     def trainer_state(self) -> dict[str, Any]:
         return capture_trainer_state(self)
 
-    def info_json(self) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
+        """Where the run stands (step, epoch, data order), for the checkpoint's state.json."""
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
                 "sampler": {"epoch": self.epoch, "seed": self.sampler.seed,
                             "start": self.batches_in_epoch * self.settings.data.batch},
-                "world_size": self.info.world_size, "total_steps": self.total_steps,
+                "world_size": self.process.world_size, "total_steps": self.total_steps,
                 "objective": self.objective}
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; the others wait)."""
         path = None
-        if self.info.is_main:
+        if self.process.is_main:
             path = save_checkpoint(self.run_dir, self.step, self.model, self.trainer_state(),
-                                   self.info_json(), ema=self.ema.module if self.ema else None,
+                                   self.position(), ema=self.ema.module if self.ema else None,
                                    keep=self.settings.checkpoint.keep)
-        if self.info.enabled:
+        if self.process.enabled:
             dist.barrier()
         return path
 
     def _resume(self) -> None:
         # The newest checkpoint that reads whole (an older one, with a warning, when it is damaged).
         ema = self.ema.module if self.ema else None
-        folder, info, state = load_newest_checkpoint(self.run_dir, self.model, ema, map_location="cpu")
-        if info["world_size"] != self.info.world_size:
-            raise ConfigError(f"checkpoint {folder} was written by {info['world_size']} process(es); resume "
-                              f"it with the same number (this job has {self.info.world_size})")
-        self.step, self.epoch, self.batches_in_epoch = info["step"], info["epoch"], info["batches_in_epoch"]
+        folder, position, state = load_newest_checkpoint(self.run_dir, self.model, ema, map_location="cpu")
+        if position["world_size"] != self.process.world_size:
+            raise ConfigError(f"checkpoint {folder} was written by {position['world_size']} process(es); "
+                              f"resume it with the same number (this job has {self.process.world_size})")
+        self.step, self.epoch = position["step"], position["epoch"]
+        self.batches_in_epoch = position["batches_in_epoch"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        saved_total = info.get("total_steps", self.total_steps)
+        saved_total = position.get("total_steps", self.total_steps)
         if saved_total != self.total_steps and self.step < self.total_steps:
             self._relay_schedule(saved_total)
         restore_trainer_state(self, state)
@@ -317,9 +319,9 @@ class Trainer:
         finally:
             loss.alpha, loss.tau = saved_alpha, saved_tau
         values = torch.stack([out.l1.detach().double(), out.l_pos.detach().double().mean()])
-        if self.info.enabled:
+        if self.process.enabled:
             dist.all_reduce(values)
-            values /= self.info.world_size
+            values /= self.process.world_size
         return float(values[0]), float(values[1])
 
     def _prepare_cpr(self, batch: Sequence) -> None:
@@ -347,7 +349,7 @@ class Trainer:
             if micro == 0:
                 self._prepare_cpr(batch)
             last = micro == accumulate - 1
-            sync = contextlib.nullcontext() if last or not self.info.enabled else self.runner.no_sync()
+            sync = contextlib.nullcontext() if last or not self.process.enabled else self.runner.no_sync()
             with sync:
                 with self._autocast():
                     out = self.runner(batch, self.context)
@@ -357,7 +359,7 @@ class Trainer:
                         loss = loss + aux
                         extras["router_aux"] = (extras.get("router_aux", 0.0)
                                                 + float(aux.detach()) / accumulate)
-                if micro == 0 and self.health.wants_grad_ratio(self.step, out, self.info.enabled):
+                if micro == 0 and self.health.wants_grad_ratio(self.step, out, self.process.enabled):
                     extras["grad_ratio"] = self.health.grad_ratio(out)
                 self.scaler.scale(loss / accumulate).backward()
             for key in sums:
@@ -371,7 +373,7 @@ class Trainer:
         if router_balance(self.config) == "bias":
             merged = [Routing(torch.cat([r[level] for r in routings]), torch.empty(0))
                       for level in range(len(routings[0]))]
-            update_route_bias(self.model, merged, self.settings.router.bias_rate, self.info.enabled)
+            update_route_bias(self.model, merged, self.settings.router.bias_rate, self.process.enabled)
         self.health.observe([torch.cat([r[level] for r in routings]) for level in range(len(routings[0]))],
                             torch.cat(task_ids))
         sums["alpha"] = self.context.cpr_loss.alpha if self.context.cpr_loss is not None else 0.0
@@ -403,12 +405,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.settings
-        if self.info.is_main:
+        if self.process.is_main:
             self.log.open(self.run_dir)
-        self.log.open_metrics(self.config, self.run_dir, self.step, enabled=self.info.is_main)
+        self.log.open_metrics(self.config, self.run_dir, self.step, enabled=self.process.is_main)
         # A bar only on a terminal: redirected output gets one plain line every log_every steps instead
         # of carriage-return updates.
-        self.bar_shown = cfg.logging.progress and self.info.is_main and sys.stderr.isatty()
+        self.bar_shown = cfg.logging.progress and self.process.is_main and sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.name} [{self.objective}]",
                    disable=not self.bar_shown, dynamic_ncols=True)
         start_step, started = self.step, time.perf_counter()
@@ -425,7 +427,7 @@ class Trainer:
     def _fit_steps(self, bar, start_step: int, started: float, validate: Validate | None) -> None:
         """The step loop of ``fit``: step, log, validate, checkpoint every ``checkpoint.every`` steps."""
         cfg = self.settings
-        images_per_step = cfg.data.batch * cfg.optim.accumulate * self.info.world_size
+        images_per_step = cfg.data.batch * cfg.optim.accumulate * self.process.world_size
         log_every, eval_every = cfg.train.log_every, cfg.eval.every
         gaps: list[float] = []
         postfix = BarPostfix()
@@ -454,7 +456,7 @@ class Trainer:
                          file_only=self.bar_shown)
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
-            if validate is not None and self.info.is_main and eval_every and (self.step % eval_every == 0
+            if validate is not None and self.process.is_main and eval_every and (self.step % eval_every == 0
                                                                               or last):
                 self._validate(validate)
             if self.step % cfg.checkpoint.every == 0 and not last:
