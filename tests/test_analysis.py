@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cpl_fast.cli.eval import analyze_main
+from cpl_fast.cli.analyze import main as analyze_main
 from cpl_fast.data import ArrayPairs, EvalDataset, build_task_ids
 from cpl_fast.eval import entropy_bits, restore_image
 from cpl_fast.eval.analysis import (

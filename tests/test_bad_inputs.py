@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 from tiny_runs import TINY_RUN, as_sets
 
-from cpl_fast.cli.eval import eval_main, restore_main
+from cpl_fast.cli.eval import eval_main
+from cpl_fast.cli.restore import main as restore_main
 from cpl_fast.cli.train import main as train_main
 from cpl_fast.models import build_model, save_model_state
 
@@ -280,7 +281,8 @@ def test_train_dataset_skips_unusable_samples_when_allowed(tmp_path):
     ("seed=18446744073709551616", "seed must be"),
 ])
 def test_config_values_that_would_break_the_run_are_refused(tmp_path, capsys, setting, message):
-    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"), *as_sets([*TINY_RUN, setting])])
+    code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "run"),
+                       *as_sets([*TINY_RUN, setting])])
     assert code == 2
     assert message in _one_error_line(capsys.readouterr().err, "cpl-train")
     assert not (tmp_path / "run").exists()
@@ -317,7 +319,8 @@ def test_unwritable_run_folders_are_one_line(tmp_path, capsys, monkeypatch, wher
 
     if where == "under a file":
         (tmp_path / "file").write_text("x")
-        code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "file" / "run"), *as_sets(TINY_RUN)])
+        code = train_main(["--preset", "demo", "--run-dir", str(tmp_path / "file" / "run"),
+                           *as_sets(TINY_RUN)])
         assert code == 2 and "file" in _one_error_line(capsys.readouterr().err, "cpl-train")
         return
 

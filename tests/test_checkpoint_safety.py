@@ -229,7 +229,7 @@ def test_load_newest_checkpoint_skips_a_trainer_state_that_fails_to_read(run):
 
 
 def test_restore_uses_the_newest_complete_checkpoint_of_a_run(run, tmp_path, capsys):
-    from cpl_fast.cli.eval import restore_main
+    from cpl_fast.cli.restore import main as restore_main
     from cpl_fast.data import write_png
 
     newest = run / "checkpoints" / "step_00000002"

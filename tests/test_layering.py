@@ -117,3 +117,31 @@ def test_every_package_is_in_the_distribution():
     listed = set(project["tool"]["setuptools"]["packages"])
     packages = {".".join(p.parent.relative_to(ROOT.parent).parts) for p in ROOT.rglob("__init__.py")}
     assert packages <= listed, f"missing from [tool.setuptools] packages: {sorted(packages - listed)}"
+
+
+def test_the_commands_that_left_cli_eval_keep_their_old_names_with_a_warning():
+    import importlib
+    import subprocess
+    import sys
+
+    from cpl_fast.cli import analyze, restore
+
+    with pytest.warns(DeprecationWarning, match=r"restore_main has moved to cpl_fast\.cli\.restore\.main"):
+        from cpl_fast.cli.eval import restore_main
+    with pytest.warns(DeprecationWarning, match=r"analyze_main has moved to cpl_fast\.cli\.analyze\.main"):
+        from cpl_fast.cli.eval import analyze_main
+    assert restore_main is restore.main and analyze_main is analyze.main
+    sys.modules.pop("cpl_fast.eval.cli", None)
+    with pytest.warns(DeprecationWarning, match="moved to"):
+        old = importlib.import_module("cpl_fast.eval.cli")
+    with pytest.warns(DeprecationWarning, match="has moved to"):
+        assert old.restore_main is restore.main and old.analyze_main is analyze.main
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        old.nothing  # noqa: B018 - the attribute access is the test
+    # cpl-eval itself does not load the other two commands.
+    code = ("import sys, cpl_fast.cli.eval\n"
+            "print(sorted(m for m in ('cpl_fast.cli.restore', 'cpl_fast.cli.analyze') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT.parent, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cpl_fast.cli.eval import restore_main
+from cpl_fast.cli.restore import main as restore_main
 from cpl_fast.data import read_image
 from cpl_fast.eval import restore_image
 from cpl_fast.eval.restore import collect_inputs, restore_files

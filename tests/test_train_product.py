@@ -128,8 +128,8 @@ def test_missing_wandb_is_refused_before_the_run_folder_exists(tmp_path, capsys,
 
 
 @pytest.mark.parametrize("module,function", [
-    ("cpl_fast.cli.train", "main"), ("cpl_fast.cli.eval", "eval_main"), ("cpl_fast.cli.eval", "restore_main"),
-    ("cpl_fast.cli.eval", "analyze_main"), ("cpl_fast.cli.export", "main"), ("cpl_fast.cli.data", "main"),
+    ("cpl_fast.cli.train", "main"), ("cpl_fast.cli.eval", "eval_main"), ("cpl_fast.cli.restore", "main"),
+    ("cpl_fast.cli.analyze", "main"), ("cpl_fast.cli.export", "main"), ("cpl_fast.cli.data", "main"),
     ("cpl_fast.cli.info", "main"), ("cpl_fast.cli.convert", "main"),
 ])
 def test_help_does_not_import_torch(module, function):
