@@ -180,7 +180,7 @@ def test_trainer_passes_negatives_per_step():
         return "out"
 
     module = StepModule(torch.nn.Identity(), step)
-    context = StepContext(features=object(), cpr_loss=object(), sampler=None, m=4, generator=None,
+    context = StepContext(features=object(), cpr_loss=object(), negative_sampler=None, m=4, generator=None,
                           negatives_per_step=2)
     assert module(None, context) == "out" and seen["negatives_per_step"] == 2
     seen.clear()

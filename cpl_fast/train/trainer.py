@@ -89,7 +89,7 @@ class Trainer:
         self.process = process or DistInfo()
         self.log = RunLog(log if self.process.is_main else None)
         # The order matters: the device before anything is placed on it, the seed before anything
-        # random (data, weights, features), the model before what reads it (sampler, optimiser), the
+        # random (data, weights, features), the model before what reads it (negative sampler, optimiser), the
         # run's length before the schedule, and every part before the checkpoint is read into it.
         self._build_device()
         self.objective, step = resolve_objective(self.settings.objective)
@@ -163,15 +163,15 @@ class Trainer:
         self.train_set = TrainDataset(self.train_source, patch_size=data.crop, seed=self.settings.seed,
                                       task_ids=self.task_ids, augment=data.augment,
                                       skip_unreadable=data.skip_unreadable)
-        self.sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data.samples_per_epoch,
+        self.data_sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data.samples_per_epoch,
                                            seed=self.settings.seed, balanced=data.balanced,
                                            rank=self.process.rank, world_size=self.process.world_size)
-        self.batches_per_epoch = self.sampler.per_rank // data.batch
+        self.batches_per_epoch = self.data_sampler.per_rank // data.batch
         if self.batches_per_epoch < 1:
-            raise ConfigError(f"an epoch has {self.sampler.per_rank} samples per process, fewer than "
+            raise ConfigError(f"an epoch has {self.data_sampler.per_rank} samples per process, fewer than "
                               f"data.batch={data.batch}; raise data.samples_per_epoch or lower the batch")
         self.loader_generator = torch.Generator().manual_seed(self.settings.seed)
-        self.loader = DataLoader(self.train_set, batch_size=data.batch, sampler=self.sampler,
+        self.loader = DataLoader(self.train_set, batch_size=data.batch, sampler=self.data_sampler,
                                  drop_last=True, num_workers=data.num_workers,
                                  worker_init_fn=worker_init_fn, generator=self.loader_generator,
                                  pin_memory=self.device.type == "cuda",
@@ -203,16 +203,16 @@ class Trainer:
                                "distance": cpr.distance, "anchor_grad": cpr.anchor_grad,
                                "margin": cpr.margin, "tau": cpr.tau})
         if cpr.negative_sampler == "other_task":
-            sampler = build_negative_sampler("other_task", num_tasks=self.num_tasks,
-                                             memory_size=cpr.memory_size)
+            negatives = build_negative_sampler("other_task", num_tasks=self.num_tasks,
+                                               memory_size=cpr.memory_size)
         else:
-            sampler = build_negative_sampler("mismatched_experts", num_prompts=self.model.num_prompts)
-        self.negative_sampler = sampler
+            negatives = build_negative_sampler("mismatched_experts", num_prompts=self.model.num_prompts)
+        self.negative_sampler = negatives
         if self.process.enabled:
-            sampler = GlobalBatchSampler(sampler, self.process)
+            negatives = GlobalBatchSampler(negatives, self.process)
         neg_chunk = cpr.neg_chunk if self.objective == "fast" else None
         per_step = cpr.negatives_per_step if self.objective == "fast" else None
-        return StepContext(features, cpr_loss, sampler, cpr.m, generator, neg_chunk, cpr.neg_grad,
+        return StepContext(features, cpr_loss, negatives, cpr.m, generator, neg_chunk, cpr.neg_grad,
                            negatives_per_step=per_step)
 
     def _total_steps(self) -> int:
@@ -232,7 +232,7 @@ class Trainer:
     def position(self) -> dict[str, Any]:
         """Where the run stands (step, epoch, data order), for the checkpoint's state.json."""
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch,
-                "sampler": {"epoch": self.epoch, "seed": self.sampler.seed,
+                "sampler": {"epoch": self.epoch, "seed": self.data_sampler.seed,
                             "start": self.batches_in_epoch * self.settings.data.batch},
                 "world_size": self.process.world_size, "total_steps": self.total_steps,
                 "objective": self.objective}
@@ -282,8 +282,8 @@ class Trainer:
         if self.batches_in_epoch >= self.batches_per_epoch:
             self.epoch, self.batches_in_epoch, self._iterator = self.epoch + 1, 0, None
         if self._iterator is None:
-            self.sampler.set_epoch(self.epoch)
-            self.sampler.set_start(self.batches_in_epoch * self.settings.data.batch)
+            self.data_sampler.set_epoch(self.epoch)
+            self.data_sampler.set_start(self.batches_in_epoch * self.settings.data.batch)
             self._iterator = iter(self.loader)
         item = next(self._iterator)
         self.batches_in_epoch += 1

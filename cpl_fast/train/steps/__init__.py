@@ -1,6 +1,6 @@
 """The training steps, one module each, and the registry the trainer picks its objective from.
 
-Every step has the signature ``step(model, batch, features, cpr_loss, sampler, m, generator, ...)
+Every step has the signature ``step(model, batch, features, cpr_loss, negative_sampler, m, generator, ...)
 -> CPLStepOutput`` and does not call ``backward``:
 
 * ``literal``: Algorithm 1 of the paper, one sample and one negative at a time (the oracle);

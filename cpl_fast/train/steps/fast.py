@@ -99,7 +99,7 @@ def draw_negative_subset(m: int, r: int | None, generator: torch.Generator | Non
 
 
 def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
-                  sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
+                  negative_sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None, neg_chunk: int | None = None,
                   neg_weights: torch.Tensor | None = None, neg_grad: str = "all",
                   negatives_per_step: int | None = None) -> CPLStepOutput:
@@ -132,7 +132,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     one_pass = getattr(model, "accepts_routing_callables", False) and neg_grad == "all"
     if negatives is not None:
         check_negatives(negatives, m, levels, size)
-    elif one_pass and not sampler.draws_by_level:
+    elif one_pass and not negative_sampler.draws_by_level:
         one_pass = False
 
     state = model.encode(degraded)
@@ -142,7 +142,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
         restored, used = model.decode(state, return_routing=True)
         routing = list(used)
         if negatives is None:
-            negatives = sampler(routing, m, task_ids=task_ids, generator=generator)
+            negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
             check_negatives(negatives, m, levels, size)
 
     # drawn[t][level]: filled level by level during the first pass when the step samples itself.
@@ -156,7 +156,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
             positive = _first_rows(own, size)
             routing_slots[level] = positive
             if negatives is None:
-                per_negative = sampler.sample_level(level, positive, m, task_ids=task_ids,
+                per_negative = negative_sampler.sample_level(level, positive, m, task_ids=task_ids,
                                                     generator=generator)
                 for t in range(m):
                     drawn[t][level] = per_negative[t]

@@ -12,7 +12,7 @@ from cpl_fast.train.steps.output import CPLStepOutput
 
 
 def l1_step(model: nn.Module, batch: Sequence, features: nn.Module | None = None,
-            cpr_loss: nn.Module | None = None, sampler: Any = None, m: int = 0,
+            cpr_loss: nn.Module | None = None, negative_sampler: Any = None, m: int = 0,
             generator: torch.Generator | None = None) -> CPLStepOutput:
     """Plain L1 restoration loss (no CPR); takes the CPL steps' arguments so the trainer calls every
     objective alike, and ignores all but ``model`` and ``batch``."""

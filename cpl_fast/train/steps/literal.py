@@ -39,13 +39,13 @@ def _cat_routings(per_sample: list[list[Routing]]) -> list[Routing]:
 
 
 def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
-                     sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
-                     generator: torch.Generator | None = None,
+                     negative_sampler: NegativeSampler, m: int = 4,
+                     negatives: list[list[Routing]] | None = None, generator: torch.Generator | None = None,
                      neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
     """One CPL step, per sample and per negative (Algorithm 1). Does not call ``backward``.
 
     ``batch``: ``(degraded, target, task_ids or None)``. ``negatives``: ``m`` per-level forced
-    routings covering the batch (drawn with ``sampler(..., generator=generator)`` when None).
+    routings covering the batch (drawn with ``negative_sampler(..., generator=generator)`` when None).
     ``neg_weights``: optional ``(B, m)`` weights on the negative term (see ``CPRLoss``).
     ``neg_grad``: which parameters the negatives' gradient reaches (``cpl_fast.train.steps.negative_grad``).
     """
@@ -61,7 +61,7 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
         routing_rows.append(list(routing_b))
     routing = _cat_routings(routing_rows)
     if negatives is None:
-        negatives = sampler(routing, m, task_ids=task_ids, generator=generator)
+        negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
 
     loss_rows, l1_rows, cpr_rows, l_pos_rows, l_neg_rows, negative_rows = [], [], [], [], [], []

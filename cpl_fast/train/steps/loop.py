@@ -20,7 +20,7 @@ from cpl_fast.train.steps.output import CPLStepOutput
 
 
 def loop_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
-                  sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
+                  negative_sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None,
                   neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
     """One CPL step, batched per negative. Same arguments and result as ``literal_cpl_step``."""
@@ -32,7 +32,7 @@ def loop_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     restored, routing = model(degraded, return_routing=True)
     routing = list(routing)
     if negatives is None:
-        negatives = sampler(routing, m, task_ids=task_ids, generator=generator)
+        negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
 
     pos_feats = features(restored)

@@ -24,7 +24,7 @@ class StepContext:
 
     features: nn.Module | None
     cpr_loss: nn.Module | None
-    sampler: Any
+    negative_sampler: Any
     m: int
     generator: torch.Generator
     neg_chunk: int | None = None  # objective fast only
@@ -50,4 +50,5 @@ class StepModule(nn.Module):
         if context.negatives_per_step is not None:
             extra["negatives_per_step"] = context.negatives_per_step
         return self.step(self.model, batch, features=context.features, cpr_loss=context.cpr_loss,
-                         sampler=context.sampler, m=context.m, generator=context.generator, **extra)
+                         negative_sampler=context.negative_sampler, m=context.m, generator=context.generator,
+                         **extra)
