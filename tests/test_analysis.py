@@ -315,3 +315,15 @@ def test_cpl_analyze_help_states_the_batch_default(capsys):
     with pytest.raises(SystemExit):
         analyze_main(["--help"])
     assert f"(default {DEFAULT_BATCH};" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("setting,calls", [("threads=2", [2]), ("threads=null", [])])
+def test_cpl_analyze_applies_the_configs_threads(tmp_path, capsys, monkeypatch, setting, calls):
+    # As cpl-train does: torch.set_num_threads(threads) unless threads is None (torch's default).
+    recorded = []
+    monkeypatch.setattr(torch, "set_num_threads", recorded.append)
+    ckpt = save_model_state(_model("tiny"), tmp_path / "m.safetensors")
+    status = analyze_main(["--preset", "demo", "--ckpt", str(ckpt), "--set", setting, "--max-images", "2",
+                           "-o", str(tmp_path / "analysis"), "--no-residuals", "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    assert recorded == calls

@@ -110,3 +110,15 @@ def test_cpl_eval_rejects_unknown_protocols_and_corrupt_checkpoints(tmp_path, ca
     torch.save({"optimizer": {"lr": 1.0}}, wrong)
     assert eval_main(["--preset", "demo", "--ckpt", str(wrong)]) == 2
     assert "not a recognised checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting,calls", [("threads=2", [2]), ("threads=null", [])])
+def test_cpl_eval_applies_the_configs_threads(tmp_path, capsys, monkeypatch, setting, calls):
+    # As cpl-train does: torch.set_num_threads(threads) unless threads is None (torch's default).
+    recorded = []
+    monkeypatch.setattr(torch, "set_num_threads", recorded.append)
+    ckpt = save_model_state(build_model("tiny"), tmp_path / "w.safetensors")
+    status = eval_main(["--preset", "demo", "--ckpt", str(ckpt), "--set", setting, "--max-images", "1",
+                        "--no-progress"])
+    assert status == 0, capsys.readouterr().err
+    assert recorded == calls

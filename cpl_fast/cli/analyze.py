@@ -20,6 +20,7 @@ from cpl_fast.cli.common import USAGE, UsageError, fail, log, setup_logging, tor
 from cpl_fast.cli.model_args import (
     add_data_args,
     add_model_args,
+    apply_threads,
     default_protocol,
     entropy_line,
     evaluation_set,
@@ -73,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = torch_device(args.device)
         for name, ckpt in zip(run_names(args), args.ckpt, strict=True):
             loaded, config = load_checkpoint(args, ckpt, device, need_data=True)
+            apply_threads(config)
             dataset = evaluation_set(config)
             log.info(f"== {name}: {loaded.description}")
             for note in loaded.notes:

@@ -28,6 +28,7 @@ from cpl_fast.cli.common import USAGE, UsageError, fail, log, markdown_table, se
 from cpl_fast.cli.model_args import (
     add_data_args,
     add_model_args,
+    apply_threads,
     default_protocol,
     entropy_line,
     evaluation_set,
@@ -134,6 +135,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
         protocol = None
         for name, ckpt in zip(names, args.ckpt, strict=True):
             loaded, config = load_checkpoint(args, ckpt, device, need_data=True)
+            apply_threads(config)
             if protocol is None:
                 protocol = get_protocol(default_protocol(args, config), args.crop_border)
                 log.info(protocol.description)

@@ -219,3 +219,10 @@ def write_output(path: str, data: bytes, prog: str) -> int:
         return fail(prog, f"cannot write {path}: {error_text(exc)}", 3)
     return 0
 
+
+def apply_threads(config: dict[str, Any]) -> None:
+    """The config's ``threads``, as cpl-train applies it: set before the model runs, where not None."""
+    if config["threads"] is not None:
+        import torch
+
+        torch.set_num_threads(config["threads"])
