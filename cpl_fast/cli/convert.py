@@ -107,12 +107,14 @@ def _progress(weights: Path) -> tuple[int, int]:
     """``(epoch, step)`` from a run checkpoint's ``state.json`` (0, 0 elsewhere)."""
     import json
 
-    path = weights.parent / "state.json"
+    from cpl_fast.runs.layout import STATE_JSON
+
+    path = weights.parent / STATE_JSON
     try:
-        info = json.loads(path.read_text())
+        position = json.loads(path.read_text())
     except (OSError, ValueError):
         return 0, 0
-    step, epoch = info.get("step", 0), info.get("epoch", 0)
+    step, epoch = position.get("step", 0), position.get("epoch", 0)
     return (epoch if isinstance(epoch, int) else 0), (step if isinstance(step, int) else 0)
 
 

@@ -43,14 +43,12 @@ from cpl_fast.cli.common import (
     setup_logging,
 )
 from cpl_fast.runs.folder import RunFolderError
+from cpl_fast.runs.layout import BEFORE_FILE, CONFIG_FILE, RESULT_FILE
 
 if TYPE_CHECKING:
     from cpl_fast.train.report import RunResult
 
 PROG = "cpl-train"
-CONFIG_FILE = "config.yaml"
-RESULT_FILE = "result.json"
-BEFORE_FILE = "eval_before.json"
 
 
 def _parser() -> argparse.ArgumentParser:
