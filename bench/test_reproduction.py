@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from cpl_fast.cli.eval import analyze_main, eval_main
+from cpl_fast.cli.analyze import main as analyze_main
+from cpl_fast.cli.eval import eval_main
 from cpl_fast.cli.train import main as train_main
 
 CONFIG = Path(__file__).resolve().parents[1] / "cpl_fast" / "configs" / "repro.yaml"

@@ -18,7 +18,7 @@ def _run_folder(path, preset: str, k=None, perturb: bool = True):
     """A cpl-train run folder (config.yaml + one checkpoint) of a tiny model on the embedded data."""
     config = load_config("demo", overrides=[f"model.preset={preset}", "name=probe"])
     if k is not None:
-        config["model"]["k"] = k
+        config["model"]["top_k"] = k
     config["baselines"] = {}
     model = build_model(preset, **({"top_k": k} if k is not None else {}))
     if perturb:
@@ -59,7 +59,7 @@ def test_cpl_eval_on_run_folders_matches_evaluate_and_names_the_protocol(tmp_pat
             assert got[task]["psnr"] == pytest.approx(expected[task]["psnr"], rel=1e-6)
             assert got[task]["ssim"] == pytest.approx(expected[task]["ssim"], rel=1e-6)
             assert got[task]["protocol"] == "promptir"
-    assert payload["runs"]["sparse"]["model"]["k"] == 2
+    assert payload["runs"]["sparse"]["model"]["top_k"] == 2
     markdown = out_md.read_text()
     assert "| sparse |" in markdown and "| dense |" in markdown and label in markdown
 
@@ -87,7 +87,7 @@ def test_cpl_eval_weights_file_with_preset_and_other_protocols(tmp_path, capsys)
     (["--preset", "demo", "--tile", "20"], "not a multiple of the model's size multiple 8"),
     (["--preset", "demo", "--tile", "64", "--tile-overlap", "64"], "must be smaller than the tile"),
     (["--preset", "demo", "--name", "a", "--name", "b"], "one --name per --ckpt"),
-    (["--preset", "demo", "--set", "model.k=9"], "must not exceed model.n"),
+    (["--preset", "demo", "--set", "model.top_k=9"], "must not exceed model.num_prompts"),
     (["--preset", "demo", "--max-images", "0"], "--max-images must be >= 1"),
 ])
 def test_cpl_eval_errors_name_the_problem(tmp_path, capsys, extra, message):

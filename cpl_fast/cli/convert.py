@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", metavar="PRESET",
                         help="the source's model preset (default: the run's, else read from the weights)")
     parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="model.KEY=VALUE",
-                        help="a model setting, as in cpl-train (e.g. --set model.top_k=all for a dense model)")
+                        help="a model setting, as in cpl-train (e.g. --set model.top_k=all: a dense model)")
     parser.add_argument("--no-ema", action="store_true",
                         help="write the trained weights, not the EMA weights (Lightning: the one state dict; "
                              "BasicSR: params and params_ema alike)")
@@ -63,8 +63,8 @@ def _model_section(args: argparse.Namespace, weights: Path, run_config: dict[str
     for text in args.overrides:
         key, value = parse_override(text)
         if not key.startswith("model."):
-            raise ValueError(f"--set {text}: cpl-convert takes model settings only (model.top_k, model.num_prompts, "
-                             f"model.overrides.*)")
+            raise ValueError(f"--set {text}: cpl-convert takes model settings only (model.top_k, "
+                             f"model.num_prompts, model.overrides.*)")
         set_dotted(holder, key, value)
     return holder["model"]
 
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             refuse_existing,
             save_converted,
         )
-        from cpl_fast.runs.loading import load_model, resolve_weights, routing_text
+        from cpl_fast.runs.loading import load_weights, resolve_weights, routing_text
 
         layout = output_format(args.output, args.to)
         refuse_existing(args.output, args.force)     # before the checkpoint is read
@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weights, run_config = resolve_weights(args.source)
         if weights.resolve() == Path(args.output).resolve():
             raise ValueError(f"the output {args.output} is the source's weights file; write another file")
-        loaded = load_model(args.source, _model_section(args, weights, run_config))
+        loaded = load_weights(weights, run_config, _model_section(args, weights, run_config))
         for note in loaded.notes:
             log.info(f"note: {note}")
         trained, ema = _companions(loaded, args.no_ema)

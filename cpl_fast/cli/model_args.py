@@ -70,7 +70,7 @@ def add_model_args(parser: argparse.ArgumentParser, several: bool) -> None:
                         help="model preset (tiny, tiny_dense, cpl, promptir); default: the run's, else the "
                              "checkpoint's, read from the weights (dense for Lightning checkpoints, top-1 "
                              "otherwise); a --preset's model never replaces the checkpoint's")
-    add_set(parser, "override a setting as in cpl-train, e.g. --set model.k=2 --set data.test_split=x")
+    add_set(parser, "override a setting as in cpl-train, e.g. --set model.top_k=2 --set data.test_split=x")
     add_device(parser)
     parser.add_argument("--tile", type=parse_tile, default="auto", help=TILE_HELP)
     parser.add_argument("--tile-overlap", type=parse_overlap, default=DEFAULT_OVERLAP, metavar="PX",
@@ -119,7 +119,9 @@ def effective_config(args: argparse.Namespace, run_config: dict[str, Any] | None
         base = copy.deepcopy(DEFAULTS)
         base["data"]["layout"] = "embedded"
     if args.model is not None:
-        model = {"preset": args.model, "k": None, "n": None, "overrides": {}}
+        from cpl_fast.models.registry import preset_section
+
+        model = preset_section(args.model)
     from_weights = args.model is None and run_config is None and weights_model is not None
     config = layered_config(getattr(args, "preset", None), getattr(args, "config", []),
                             getattr(args, "data", None), args.overrides, base=base, model=model,
@@ -145,7 +147,7 @@ def effective_config(args: argparse.Namespace, run_config: dict[str, Any] | None
 
 
 def load_checkpoint(args: argparse.Namespace, ckpt: str, device: torch.device, need_data: bool):
-    from cpl_fast.runs.loading import checkpoint_model, load_model, resolve_weights
+    from cpl_fast.runs.loading import checkpoint_model, load_weights, resolve_weights
 
     weights, run_config = resolve_weights(ckpt)
     weights_model, weights_notes = None, []
@@ -153,7 +155,7 @@ def load_checkpoint(args: argparse.Namespace, ckpt: str, device: torch.device, n
     if run_config is None and args.model is None and (names_benchmark(args) or not need_data):
         weights_model, weights_notes = checkpoint_model(weights)
     config, notes = effective_config(args, run_config, need_data, weights_model)
-    loaded = load_model(ckpt, config["model"], device)
+    loaded = load_weights(weights, run_config, config["model"], device)
     # Where the model came from, and what --set changed in what the weights said.
     if weights_model is not None and config["model"] != weights_model:
         weights_notes.append(f"--set made the model {config['model']}")

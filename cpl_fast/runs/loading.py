@@ -210,6 +210,13 @@ def load_model(ckpt: str | Path, model_config: Mapping[str, Any] | None = None,
     model does not fit the weights.
     """
     weights, run_config = resolve_weights(ckpt)
+    return load_weights(weights, run_config, model_config, device, strict)
+
+
+def load_weights(weights: Path, run_config: dict[str, Any] | None,
+                 model_config: Mapping[str, Any] | None = None, device: torch.device | str = "cpu",
+                 strict: bool = True) -> LoadedModel:
+    """``load_model`` for what ``resolve_weights`` already found: the weights file and its run config."""
     notes: list[str] = []
     raw: Any = read_checkpoint_file(weights)  # ValueError naming the file when it is not a checkpoint
     if model_config is not None:
