@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_fast.config import schema as config_module
+from cpl_fast.tables import markdown_table
 
 
 def _comments(source: str) -> dict[int, tuple[int, str, bool]]:
@@ -77,16 +78,18 @@ def _value(value: Any) -> str:
     return f"`{json.dumps(value)}`" if not isinstance(value, str) else f"`{value}`"
 
 
-def _rows(defaults: Mapping[str, Any], docs: Mapping[str, str], prefix: str = "") -> list[str]:
+def _rows(defaults: Mapping[str, Any], docs: Mapping[str, str], prefix: str = "") -> list[list[str]]:
     rows = []
     for key, value in defaults.items():
         name = prefix + key
         if isinstance(value, Mapping) and value and name not in config_module.FREE_MAPPINGS:
             rows += _rows(value, docs, name + ".")
         else:
-            meaning = docs.get(name, "").replace("|", "\\|")
-            rows.append(f"| `{name}` | {_value(value)} | {meaning} |")
+            rows.append([f"`{name}`", _value(value), docs.get(name, "").replace("|", "\\|")])
     return rows
+
+
+_SETTING_COLUMNS = ["key", "default", "meaning"]
 
 
 def render() -> str:
@@ -106,19 +109,20 @@ def render() -> str:
             out += [f"## `{section}`", ""]
             if docs.get(section):
                 out += [docs[section], ""]
-            out += ["| key | default | meaning |", "|---|---|---|", *_rows(value, docs, section + "."), ""]
+            out += [markdown_table(_SETTING_COLUMNS, _rows(value, docs, section + ".")), ""]
     top = {key: value for key, value in defaults.items()
            if not isinstance(value, Mapping) or key in config_module.FREE_MAPPINGS}
-    out += ["## Top level", "", "| key | default | meaning |", "|---|---|---|", *_rows(top, docs), ""]
+    out += ["## Top level", "", markdown_table(_SETTING_COLUMNS, _rows(top, docs)), ""]
     out += ["## CPR recipes (`cpr.recipe`)", "",
             "A recipe sets every setting it names; a setting given explicitly wins over it.", "",
-            "| recipe | settings |", "|---|---|"]
-    for name, settings in config_module.RECIPES.items():
-        out.append(f"| `{name}` | " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in settings.items()) + " |")
+            markdown_table(["recipe", "settings"],
+                           [[f"`{name}`", ", ".join(f"`{k}={json.dumps(v)}`" for k, v in settings.items())]
+                            for name, settings in config_module.RECIPES.items()])]
     out += ["", "## Renamed settings", "",
-            "Read under the old name (with a DeprecationWarning) in files, `--set` and older run folders.", "",
-            "| old name | name |", "|---|---|"]
-    out += [f"| `{old}` | `{new}` |" for old, new in config_module.RENAMED.items()]
+            "Read under the old name (with a DeprecationWarning) in files, `--set` and older run folders.",
+            "",
+            markdown_table(["old name", "name"],
+                           [[f"`{old}`", f"`{new}`"] for old, new in config_module.RENAMED.items()])]
     out += ["", "## Presets", "", "`--preset NAME` reads `cpl_fast/configs/NAME.yaml`: "
             + ", ".join(f"`{p}`" for p in config_module.PRESET_NAMES) + ".", ""]
     return "\n".join(out)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cpl_fast.data.io import atomic_write_bytes
+from cpl_fast.tables import markdown_table
 
 
 @dataclass
@@ -138,20 +139,23 @@ def _markdown(runs: Sequence[RunResult], title: str, notes: Sequence[str]) -> st
         if not run.after:
             out += [f"Nothing evaluated: {run.not_evaluated or 'no test split'}.", ""]
             continue
-        out += ["| task | images | PSNR before | PSNR after | SSIM before | SSIM after |",
-                "|---|---|---|---|---|---|"]
+        scores = []
         for task, after in run.after.items():
-            before = run.before.get(task, {})
-            out.append(f"| {task} | {after['images']} | {before.get('psnr', math.nan):.2f} | "
-                       f"{after['psnr']:.2f} | {before.get('ssim', math.nan):.4f} | {after['ssim']:.4f} |")
-        out += ["", "| task | level | selection entropy before | after | mean softmax entropy before "
-                "| after |", "|---|---|---|---|---|---|"]
+            was = run.before.get(task, {})
+            scores.append([task, after["images"], f"{was.get('psnr', math.nan):.2f}", f"{after['psnr']:.2f}",
+                           f"{was.get('ssim', math.nan):.4f}", f"{after['ssim']:.4f}"])
+        out += [markdown_table(["task", "images", "PSNR before", "PSNR after", "SSIM before", "SSIM after"],
+                               scores), ""]
+        entropies = []
         for task, after in run.after.items():
             before = run.before.get(task, {"levels": [{}] * len(after["levels"])})
             for i, (b, a) in enumerate(zip(before["levels"], after["levels"])):
-                out.append(f"| {task} | {i} | {b.get('selection_entropy', math.nan):.3f} | "
-                           f"{a['selection_entropy']:.3f} | {b.get('mean_softmax_entropy', math.nan):.3f} | "
-                           f"{a['mean_softmax_entropy']:.3f} |")
+                entropies.append([task, i, f"{b.get('selection_entropy', math.nan):.3f}",
+                                  f"{a['selection_entropy']:.3f}",
+                                  f"{b.get('mean_softmax_entropy', math.nan):.3f}",
+                                  f"{a['mean_softmax_entropy']:.3f}"])
+        out += [markdown_table(["task", "level", "selection entropy before", "after",
+                                "mean softmax entropy before", "after"], entropies)]
         out.append("")
     out += ["## Figures", "", "![loss curves](loss_curves.png)", "",
             "![PSNR per task](psnr_per_task.png)", "",
