@@ -283,3 +283,14 @@ def test_demo_end_to_end(tmp_path, capsys):
     # A finished run resumes to its stored result without training again.
     assert main(["--resume", str(run_dir)]) == 0
     assert "== dense" in capsys.readouterr().out
+
+
+def test_the_old_names_of_process_and_position_still_work_and_warn(tmp_path):
+    from cpl_fast.train.distributed import DistInfo
+
+    with pytest.warns(DeprecationWarning, match=r"Trainer\(info=...\) is now Trainer\(process=...\)"):
+        trainer = Trainer(small_config("objective=l1"), tmp_path, log=None, info=DistInfo())
+    with pytest.warns(DeprecationWarning, match="Trainer.info is now Trainer.process"):
+        assert trainer.info is trainer.process
+    with pytest.warns(DeprecationWarning, match=r"Trainer.info_json\(\) is now Trainer.position\(\)"):
+        assert trainer.info_json() == trainer.position()

@@ -25,6 +25,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cpl_fast import memory
+from cpl_fast._deprecated import REMOVED_IN
 from cpl_fast.config import ConfigError, as_settings, router_balance
 from cpl_fast.data import (
     EvalDataset,
@@ -80,9 +82,15 @@ class Trainer:
     newest checkpoint of ``run_dir`` exactly."""
 
     def __init__(self, config: Mapping[str, Any], run_dir: str | Path, resume: bool = False,
-                 process: DistInfo | None = None, log: Callable[[str], None] | None = log_message) -> None:
-        """``log``: where messages go besides ``RUN/train.log``: the ``cpl_fast.train`` logger by
-        default, None for nowhere, or any callable taking one message."""
+                 process: DistInfo | None = None, log: Callable[[str], None] | None = log_message, *,
+                 info: DistInfo | None = None) -> None:
+        """``process``: this process's rank in a distributed job (None: a single process). ``log``: where
+        messages go besides ``RUN/train.log``: the ``cpl_fast.train`` logger by default, None for nowhere,
+        or any callable taking one message. ``info``: the old name of ``process``, for one release."""
+        if info is not None:
+            warnings.warn(f"Trainer(info=...) is now Trainer(process=...); the old name will be removed in "
+                          f"cpl_fast {REMOVED_IN}", DeprecationWarning, stacklevel=2)
+            process = process or info
         self.config = config
         self.settings = as_settings(config)
         self.run_dir = Path(run_dir)
@@ -236,6 +244,19 @@ class Trainer:
                             "start": self.batches_in_epoch * self.settings.data.batch},
                 "world_size": self.process.world_size, "total_steps": self.total_steps,
                 "objective": self.objective}
+
+    def info_json(self) -> dict[str, Any]:
+        """The old name of :meth:`position`, for one release."""
+        warnings.warn(f"Trainer.info_json() is now Trainer.position(); the old name will be removed in "
+                      f"cpl_fast {REMOVED_IN}", DeprecationWarning, stacklevel=2)
+        return self.position()
+
+    @property
+    def info(self) -> DistInfo:
+        """The old name of :attr:`process`, for one release."""
+        warnings.warn(f"Trainer.info is now Trainer.process; the old name will be removed in cpl_fast "
+                      f"{REMOVED_IN}", DeprecationWarning, stacklevel=2)
+        return self.process
 
     def save(self) -> Path | None:
         """Checkpoint the current step (rank 0 writes; the others wait)."""
