@@ -6,7 +6,8 @@ Every convolution is bias-free, as in the published ``bias=False`` configuration
 
 Fused ops. By default the blocks compute through cpl_fast's backbone ops: the channel layer norm of
 ``LayerNorm`` (:func:`cpl_fast.ops.channel_layernorm`: no transposes to and from ``(B, HW, C)``), the
-feed-forward gate (:func:`cpl_fast.ops.gated_gelu`) and every 1x1 convolution
+feed-forward gate (:func:`cpl_fast.ops.gated_gelu`), the attention core of ``Attention``
+(:func:`cpl_fast.ops.channel_attention`: its backward in contiguous layouts) and every 1x1 convolution
 (:class:`PointwiseConv2d`: a GEMM over the channels where PyTorch's CPU convolution takes its slow
 path). Each module's ``ops`` attribute (``"fused"`` or ``"reference"``; :func:`set_backbone_ops` sets it
 on a whole model) chooses; ``"reference"`` is the published composite, line for line. Both are the same
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpl_fast.ops.channel_attention import channel_attention
 from cpl_fast.ops.channel_layernorm import channel_layernorm
 from cpl_fast.ops.gated_gelu import gated_gelu
 from cpl_fast.ops.pointwise_conv import pointwise_conv
@@ -39,7 +41,7 @@ def set_backbone_ops(model: nn.Module, ops: str) -> nn.Module:
     if ops not in BACKBONE_OPS:
         raise ValueError(f"set_backbone_ops: ops must be one of {BACKBONE_OPS}, got {ops!r}")
     for module in model.modules():
-        if isinstance(module, (LayerNorm, FeedForward, PointwiseConv2d)):
+        if isinstance(module, (LayerNorm, Attention, FeedForward, PointwiseConv2d)):
             module.ops = ops
     return model
 
@@ -137,16 +139,20 @@ class Attention(nn.Module):
         self.qkv = PointwiseConv2d(dim, dim * 3)
         self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
         self.project_out = PointwiseConv2d(dim, dim)
+        self.ops = "fused"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
-        q = F.normalize(q, dim=-1)
-        k = F.normalize(k, dim=-1)
-        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
-        out = (attn @ v).reshape(b, c, h, w)
-        return self.project_out(out)
+        if _fused(self):
+            out = channel_attention(q, k, v, self.temperature)
+        else:
+            q = F.normalize(q, dim=-1)
+            k = F.normalize(k, dim=-1)
+            attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
+            out = attn @ v
+        return self.project_out(out.reshape(b, c, h, w))
 
 
 class FeedForward(nn.Module):

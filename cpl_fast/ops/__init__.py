@@ -8,6 +8,7 @@ from cpl_fast.ops import cpr_distances as _cpr_distances_module
 from cpl_fast.ops import gated_gelu as _gated_gelu_module
 from cpl_fast.ops import prompt_mix as _prompt_mix_module
 from cpl_fast.ops._reference import (
+    channel_attention_reference,
     channel_layernorm_reference,
     cpr_distances_reference,
     gated_gelu_reference,
@@ -15,6 +16,7 @@ from cpl_fast.ops._reference import (
     prompt_mix_materialized,
     prompt_mix_reference,
 )
+from cpl_fast.ops.channel_attention import channel_attention
 from cpl_fast.ops.channel_layernorm import channel_layernorm
 from cpl_fast.ops.cpr_distances import cpr_distances
 from cpl_fast.ops.gated_gelu import gated_gelu
@@ -36,5 +38,6 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, dict[str
 
 
 __all__ = ["prompt_mix", "cpr_distances", "channel_layernorm", "gated_gelu", "pointwise_conv",
-           "available_backends", "prompt_mix_reference", "prompt_mix_materialized", "cpr_distances_reference",
-           "channel_layernorm_reference", "gated_gelu_reference", "pointwise_conv_reference"]
+           "channel_attention", "available_backends", "prompt_mix_reference", "prompt_mix_materialized",
+           "cpr_distances_reference", "channel_layernorm_reference", "gated_gelu_reference",
+           "pointwise_conv_reference", "channel_attention_reference"]

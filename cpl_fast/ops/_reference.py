@@ -81,3 +81,16 @@ def pointwise_conv_reference(x: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None = None) -> torch.Tensor:
     """The 1x1 convolution ``F.conv2d(x, weight, bias)`` with ``weight (O, C, 1, 1)``."""
     return F.conv2d(x, weight, bias)
+
+
+# F.normalize's default eps: the norm is clamped to it before dividing.
+NORMALIZE_EPS = 1e-12
+
+
+def channel_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                temperature: torch.Tensor) -> torch.Tensor:
+    """Restormer's MDTA core as published: ``softmax(t * normalize(q) @ normalize(k)^T) @ v`` along the
+    pixels (the last dimension) of ``(B, heads, d, N)`` inputs."""
+    q = F.normalize(q, dim=-1, eps=NORMALIZE_EPS)
+    k = F.normalize(k, dim=-1, eps=NORMALIZE_EPS)
+    return ((q @ k.transpose(-2, -1)) * temperature).softmax(dim=-1) @ v
