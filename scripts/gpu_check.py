@@ -15,7 +15,8 @@ less; a phase left with no time is reported as skipped.
   compile of the whole model takes minutes); stopped before the first benchmark, timings discarded.
 * ``tests``: ``pytest tests/test_gpu.py -m gpu`` (the cuda and triton backends against the reference,
   opcheck on CUDA tensors, the fast step equal to the literal one); ``tests_backbone_ops``: the ``gpu``
-  cases of tests/test_channel_layernorm.py and tests/test_gated_gelu.py (cuda and triton on the device).
+  cases of tests/test_channel_layernorm.py, tests/test_gated_gelu.py (cuda and triton on the device) and
+  tests/test_channel_attention.py (its written-out backward on CUDA tensors).
 * ``bench_prompt_mix``, ``bench_cpr_distances``: the op benchmarks on the GPU (time, share of the copy
   bandwidth, against the references and torch.compile); ``bench_backbone_ops``: the ``gpu`` cases of
   bench/test_backbone_ops.py (channel_layernorm and gated_gelu on cuda and triton: time, share of the copy
@@ -94,7 +95,8 @@ PHASES = (
     Phase("tests", "pytest", "tests.log", 180, 60, ("tests/test_gpu.py", "-m", "gpu")),
     # The backbone ops' CUDA and Triton backends against the reference on the device (their gpu cases).
     Phase("tests_backbone_ops", "pytest", "tests.log", 90, 20,
-          ("tests/test_channel_layernorm.py", "tests/test_gated_gelu.py", "-m", "gpu")),
+          ("tests/test_channel_layernorm.py", "tests/test_gated_gelu.py", "tests/test_channel_attention.py",
+           "-m", "gpu")),
     Phase("bench_prompt_mix", "pytest", "bench.log", 90, 30, ("bench/test_prompt_mix.py",), bench=True),
     Phase("bench_cpr_distances", "pytest", "bench.log", 75, 20, ("bench/test_cpr_distances.py",), bench=True),
     # channel_layernorm and gated_gelu on Triton and CUDA (time, share of the copy bandwidth): gpu cases only.

@@ -44,7 +44,8 @@ def _transposed(dtype, device):
 class TestChannelAttention(OpTester):
     fn = channel_attention
     reference = channel_attention_reference
-    backends = (("auto", "cpu"),)   # no kernels of its own: "auto" is the written-out backward
+    # No kernels of its own: "auto" is the written-out backward, on the CPU and (gpu marker) on CUDA.
+    backends = (("auto", "cpu"), ("auto", "cuda"))
     cases = dict(SHAPES)
     non_contiguous_cases = {"qkv_chunks": _qkv_chunks, "transposed": _transposed}
     gradcheck_cases = {"odd": (2, 2, 3, 5)}
