@@ -7,13 +7,16 @@ Ops (groups ``<op>-fwd|bwd|full``), at the shapes the ``cpl`` model (dim 48, 64x
   (96, 64x64) and the latent (384, 8x8);
 * ``gated_gelu``: the feed-forward gate of the same three places (2 x 127, 2 x 255, 2 x 1021 channels);
 * ``pointwise_conv``: ``qkv`` of level 1 (48 -> 144), ``project_in`` of decoder level 1 (96 -> 510) and
-  ``project_out`` of decoder level 1 (255 -> 96).
+  ``project_out`` of decoder level 1 (255 -> 96);
+* ``channel_attention``: the MDTA core of decoder level 1 (1 head of 96 channels, 64x64), level 2 (2 x 48,
+  32x32) and level 3 (4 x 48, 16x16).
 
 Providers: ``reference`` (cpl_fast.ops._reference: the published composite, ``F.conv2d`` for the 1x1
 convolution), ``compile`` (torch.compile of the reference), and the fused backends ``cpu``, ``triton`` and
 ``cuda`` (each skipped with the dispatcher's reasons where it cannot run; ``triton`` and ``cuda`` carry the
 ``gpu`` marker). ``pointwise_conv`` has one fused provider, ``gemm`` (the batched GEMM the model uses on the
-CPU; on a GPU the model keeps ``F.conv2d``). ``fwd`` times the forward without autograd; ``bwd`` the backward
+CPU; on a GPU the model keeps ``F.conv2d``), ``channel_attention`` one too, ``written`` (the written-out
+backward the model uses). ``fwd`` times the forward without autograd; ``bwd`` the backward
 alone (the forward runs in the round's setup); ``full`` both.
 
 Backbone step (group ``backbone_step-full``): forward, L1 loss, backward and Adam of the ``cpl`` model
@@ -46,6 +49,8 @@ from cpl_fast import memory
 from cpl_fast.models import build_model
 from cpl_fast.models.restormer import set_backbone_ops
 from cpl_fast.ops import (
+    channel_attention,
+    channel_attention_reference,
     channel_layernorm,
     channel_layernorm_reference,
     gated_gelu,
@@ -64,6 +69,7 @@ LN_CASES = {"enc1": (48, CROP), "dec1": (96, CROP), "latent": (384, CROP // 8)}
 GELU_CASES = {"enc1": (127, CROP), "dec1": (255, CROP), "latent": (1021, CROP // 8)}
 PW_CASES = {"enc1 qkv": (48, 144, CROP), "dec1 project_in": (96, 510, CROP),
             "dec1 project_out": (255, 96, CROP)}
+ATTN_CASES = {"dec1": (1, 96, CROP), "level2": (2, 48, CROP // 2), "level3": (4, 48, CROP // 4)}
 STEP_CASES = {"cpl 64px b2": (64, 2), "cpl 128px b1": (128, 1)}
 MODES = ("fwd", "bwd", "full")
 
@@ -99,6 +105,13 @@ def _pw_inputs(case):
     gen = torch.Generator().manual_seed(0)
     return [torch.randn(BATCH, cin, size, size, generator=gen).to(DEVICE),
             (torch.randn(cout, cin, 1, 1, generator=gen) / cin ** 0.5).to(DEVICE)]
+
+
+def _attn_inputs(case):
+    heads, channels, size = ATTN_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(BATCH, heads, channels, size * size, generator=gen).to(DEVICE) for _ in range(3)]
+    return [*qkv, (torch.rand(heads, 1, 1, generator=gen) + 0.5).to(DEVICE)]
 
 
 def _bytes_moved(op, inputs, mode):
@@ -190,6 +203,15 @@ def test_pointwise_conv(benchmark, peak_memory, copy_bandwidth, op_provider, cas
     fn = op_provider(provider, pointwise_conv_reference, lambda name: pointwise_conv_gemm)
     _run_op(benchmark, peak_memory, copy_bandwidth, "pointwise_conv", case, provider, mode, fn,
             _pw_inputs(case))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["reference", "compile", "written"])
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_channel_attention(benchmark, peak_memory, copy_bandwidth, op_provider, case, provider, mode):
+    fn = op_provider(provider, channel_attention_reference, lambda name: channel_attention)
+    _run_op(benchmark, peak_memory, copy_bandwidth, "channel_attention", case, provider, mode, fn,
+            _attn_inputs(case))
 
 
 # --- the backbone's L1 step ------------------------------------------------------------------------
@@ -311,7 +333,8 @@ def test_backbone_targets(bench_notes):
     load_line = (f"Load average at the targets (1, 5, 15 min): {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
                  f"on {os.cpu_count()} cores.")
     written = 0
-    for op, name in (("channel_layernorm", fused), ("gated_gelu", fused), ("pointwise_conv", "gemm")):
+    for op, name in (("channel_layernorm", fused), ("gated_gelu", fused), ("pointwise_conv", "gemm"),
+                     ("channel_attention", "written")):
         lines = _op_targets(op, name)
         if lines:
             bench_notes[op].extend(["", f"### Targets ({name} provider)", "", *lines, "", load_line])
