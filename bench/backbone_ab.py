@@ -1,7 +1,7 @@
 """The cpl model's L1 step with the reference ops, the fused ops without the attention op, and all fused
 ops, timed in turn (interleaved rounds, so that drift of a shared machine hits every variant alike).
 
-    OMP_NUM_THREADS=1 python bench/backbone_ab.py --size 64 --batch 2 [--rounds 5]
+    OMP_NUM_THREADS=1 python bench/backbone_ab.py --size 64 --batch 2 [--rounds 5] [--model cpl]
 
 Prints the median CPU seconds per step of each variant and their ratios. CPU tensors come from
 cpl_fast.memory's caching allocator, as in cpl-train.
@@ -20,9 +20,9 @@ from cpl_fast.models.restormer import Attention, set_backbone_ops
 VARIANTS = ("reference", "fused_without_attention", "fused")
 
 
-def _model(variant: str):
+def _model(preset: str, variant: str):
     torch.manual_seed(0)
-    model = build_model("cpl")
+    model = build_model(preset)
     if variant == "reference":
         set_backbone_ops(model, "reference")
     elif variant == "fused_without_attention":
@@ -37,13 +37,14 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", default="cpl", help="a cpl_fast.models preset (default cpl)")
     args = parser.parse_args()
     if memory.cpu_caching_available():
         memory.enable_cpu_caching()
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 3, args.size, args.size, generator=gen)
     target = torch.rand(args.batch, 3, args.size, args.size, generator=gen)
-    runs = {variant: _model(variant) for variant in VARIANTS}
+    runs = {variant: _model(args.model, variant) for variant in VARIANTS}
 
     def step(variant: str) -> float:
         model, optimizer = runs[variant]
@@ -60,8 +61,8 @@ def main() -> None:
         for variant in VARIANTS:
             seconds[variant].append(step(variant))
     median = {variant: sorted(values)[len(values) // 2] for variant, values in seconds.items()}
-    print(f"cpl {args.size}px batch {args.batch}, {torch.get_num_threads()} thread(s), CPU s/step (median of "
-          f"{args.rounds}): " + ", ".join(f"{v} {s:.3f}" for v, s in median.items()))
+    print(f"{args.model} {args.size}px batch {args.batch}, {torch.get_num_threads()} thread(s), CPU s/step "
+          f"(median of {args.rounds}): " + ", ".join(f"{v} {s:.3f}" for v, s in median.items()))
     print(f"reference / fused {median['reference'] / median['fused']:.2f}x; fused_without_attention / fused "
           f"{median['fused_without_attention'] / median['fused']:.2f}x")
 

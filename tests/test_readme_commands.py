@@ -148,3 +148,10 @@ def test_export_and_info(work):
     _documented("`cpl-info`")
     assert "backends on cpu" in _run([_tool("cpl-info")], folder)
 
+
+def test_backbone_ab_script_runs(tmp_path):
+    _documented("(`python bench/backbone_ab.py`)")
+    out = _run([sys.executable, str(ROOT / "bench" / "backbone_ab.py"), "--model", "tiny", "--size", "16",
+                "--batch", "1", "--rounds", "1"], tmp_path)
+    assert "reference / fused" in out
+
