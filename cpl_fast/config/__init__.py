@@ -39,7 +39,8 @@ from cpl_fast.config.validation import cuda_requested, model_k_n, registry_choic
 
 __all__ = [
     "AMP_MODES", "DEFAULTS", "FREE_MAPPINGS", "OBJECTIVES", "PRESET_NAMES", "RECIPES", "RENAMED",
-    "ConfigError", "Settings", "apply_overrides", "as_settings", "cuda_requested", "current_name", "dump_yaml", "flat_dotted", "get", "load_config", "merge",
-    "model_k_n", "normalise", "parse_override", "preset_path", "read_run_config", "read_yaml",
-    "registry_choices", "router_balance", "set_dotted", "validate", "with_recipe", "yaml_load",
+    "ConfigError", "Settings", "apply_overrides", "as_settings", "cuda_requested", "current_name",
+    "dump_yaml", "flat_dotted", "get", "load_config", "merge", "model_k_n", "normalise", "parse_override",
+    "preset_path", "read_run_config", "read_yaml", "registry_choices", "router_balance", "set_dotted",
+    "validate", "with_recipe", "yaml_load",
 ]

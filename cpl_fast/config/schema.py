@@ -192,19 +192,13 @@ class Settings:
     run: RunFolderSettings = field(default_factory=RunFolderSettings)
 
 
-def _section_type(settings_type: type, name: str) -> type | None:
-    """The dataclass of field ``name`` of ``settings_type`` (None: a plain value)."""
-    hint = {f.name: f for f in dataclasses.fields(settings_type)}[name].type
-    found = globals().get(hint) if isinstance(hint, str) else hint
-    return found if dataclasses.is_dataclass(found) else None
-
-
 def _typed(settings_type: type, mapping: Mapping[str, Any]) -> Any:
     values = {}
     for item in dataclasses.fields(settings_type):
-        section = _section_type(settings_type, item.name)
+        # Annotations are strings here (postponed evaluation); a section's is the name of its class.
+        section = globals().get(item.type) if isinstance(item.type, str) else item.type
         value = mapping[item.name]
-        values[item.name] = _typed(section, value) if section is not None else value
+        values[item.name] = _typed(section, value) if dataclasses.is_dataclass(section) else value
     return settings_type(**values)
 
 

@@ -107,7 +107,7 @@ def routing_text(top_k: int | None) -> str:
 
 def section_top_k(section: Mapping[str, Any]) -> int | None:
     """The routing a config ``model`` section builds (None: dense)."""
-    k = current_section(section).get("top_k")
+    k = section.get("top_k")
     if k == "all":
         return None
     return preset_top_k(section["preset"]) if k is None else k

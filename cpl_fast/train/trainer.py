@@ -93,12 +93,14 @@ class Trainer:
             process = process or info
         self.config = config
         self.settings = as_settings(config)
+        self.router_balance = router_balance(config)  # auto resolved once: read on every step
         self.run_dir = Path(run_dir)
         self.process = process or DistInfo()
         self.log = RunLog(log if self.process.is_main else None)
         # The order matters: the device before anything is placed on it, the seed before anything
-        # random (data, weights, features), the model before what reads it (negative sampler, optimiser), the
-        # run's length before the schedule, and every part before the checkpoint is read into it.
+        # random (data, weights, features), the model before what reads it (negative sampler,
+        # optimiser), the run's length before the schedule, and every part before the checkpoint is read
+        # into it.
         self._build_device()
         self.objective, step = resolve_objective(self.settings.objective)
         self._seed()
@@ -172,8 +174,8 @@ class Trainer:
                                       task_ids=self.task_ids, augment=data.augment,
                                       skip_unreadable=data.skip_unreadable)
         self.data_sampler = TaskBalancedSampler(self.train_set.labels, num_samples=data.samples_per_epoch,
-                                           seed=self.settings.seed, balanced=data.balanced,
-                                           rank=self.process.rank, world_size=self.process.world_size)
+                                                seed=self.settings.seed, balanced=data.balanced,
+                                                rank=self.process.rank, world_size=self.process.world_size)
         self.batches_per_epoch = self.data_sampler.per_rank // data.batch
         if self.batches_per_epoch < 1:
             raise ConfigError(f"an epoch has {self.data_sampler.per_rank} samples per process, fewer than "
@@ -353,7 +355,7 @@ class Trainer:
 
     def _router_loss(self, out: CPLStepOutput) -> torch.Tensor | None:
         router = self.settings.router
-        if router_balance(self.config) != "aux_loss" or router.aux_weight == 0:
+        if self.router_balance != "aux_loss" or router.aux_weight == 0:
             return None
         return router.aux_weight * load_balancing_loss(out.routing, self.model.num_prompts)
 
@@ -391,7 +393,7 @@ class Trainer:
                     out.restored, out.negative_images, batch[1]) / accumulate
             routings.append([r.indices.detach() for r in out.routing])
             task_ids.append(batch[2])
-        if router_balance(self.config) == "bias":
+        if self.router_balance == "bias":
             merged = [Routing(torch.cat([r[level] for r in routings]), torch.empty(0))
                       for level in range(len(routings[0]))]
             update_route_bias(self.model, merged, self.settings.router.bias_rate, self.process.enabled)
@@ -478,7 +480,7 @@ class Trainer:
             if not math.isfinite(terms["loss"]):
                 raise FloatingPointError(f"the loss is {terms['loss']} at step {self.step}")
             if validate is not None and self.process.is_main and eval_every and (self.step % eval_every == 0
-                                                                              or last):
+                                                                                 or last):
                 self._validate(validate)
             if self.step % cfg.checkpoint.every == 0 and not last:
                 path = self.save()
