@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpl_fast.ops._reference import channel_attention_reference
 from cpl_fast.ops.channel_attention import channel_attention
 from cpl_fast.ops.channel_layernorm import channel_layernorm
 from cpl_fast.ops.gated_gelu import gated_gelu
@@ -145,14 +146,8 @@ class Attention(nn.Module):
         b, c, h, w = x.shape
         q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
         q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
-        if _fused(self):
-            out = channel_attention(q, k, v, self.temperature)
-        else:
-            q = F.normalize(q, dim=-1)
-            k = F.normalize(k, dim=-1)
-            attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)
-            out = attn @ v
-        return self.project_out(out.reshape(b, c, h, w))
+        attention = channel_attention if _fused(self) else channel_attention_reference
+        return self.project_out(attention(q, k, v, self.temperature).reshape(b, c, h, w))
 
 
 class FeedForward(nn.Module):

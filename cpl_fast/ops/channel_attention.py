@@ -89,9 +89,7 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tempera
     """``softmax(temperature * normalize(q) @ normalize(k)^T) @ v`` for ``(B, heads, d, N)`` inputs, with
     the backward written in contiguous layouts (module docstring)."""
     _validate(q, k, v, temperature)
-    if requested_backend(backend) == "reference":
-        return channel_attention_reference(q, k, v, temperature)
-    if torch.is_autocast_enabled(q.device.type):
-        # The composite's ops each take autocast's dtype; a Function would see the inputs as given.
+    # Under autocast the composite's ops each take autocast's dtype; a Function would see the inputs as given.
+    if requested_backend(backend) == "reference" or torch.is_autocast_enabled(q.device.type):
         return channel_attention_reference(q, k, v, temperature)
     return _ChannelAttention.apply(q, k, v, temperature)
