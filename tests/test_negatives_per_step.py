@@ -1,9 +1,9 @@
-"""``fast_cpl_step(negatives_per_step=r)``: r of the m negatives per step, drawn uniformly.
+"""``negatives_per_step=r``: r of the m negatives per step, drawn uniformly (fast, loop and literal steps).
 
 The paper's difference form is linear in ``L_neg``, so averaging the r-subsampled step over every one
 of the C(m, r) subsets must give the full step's loss and gradients (float64, to rounding). The
 convex forms' average is at least the full step's loss (Jensen). Each subsampled step is the CPR step
-over its r negatives, and the trainer passes the setting through.
+over its r negatives, the three steps agree on the same draw, and the trainer passes the setting through.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from test_fast_step import assert_same_step, make_batch, make_model, max_relative_error
 
 from cpl_fast.losses import CPRLoss, PerceptualFeatures
-from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step
-from cpl_fast.train.steps.fast import draw_negative_subset
+from cpl_fast.train import MismatchedExperts, fast_cpl_step, literal_cpl_step, loop_cpl_step
+from cpl_fast.train.steps.inputs import draw_negative_subset
 from cpl_fast.train.steps.runner import StepContext, StepModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -163,13 +163,38 @@ def test_subsampled_step_is_the_step_over_its_negatives(features, neg_chunk):
             assert torch.equal(a.indices, b.indices)
 
 
-def test_bad_negatives_per_step(features):
+@pytest.mark.parametrize("step", [loop_cpl_step, literal_cpl_step], ids=["loop", "literal"])
+def test_every_step_draws_the_same_subset(features, step):
+    """The loop and literal steps, given the same generator seed, use the slots and negatives the fast
+    step uses, and give its loss and gradients (float64)."""
+    m, r = 4, 2
+    model = make_model("tiny", 1, torch.float64)
+    batch = make_batch(3, torch.float64, [0, 1, 2])
+    neg_weights = torch.rand(3, m, generator=torch.Generator().manual_seed(6), dtype=torch.float64) + 0.5
+    loss = CPRLoss(alpha=0.5, form="hinge", margin=2.0)
+    sampler = MismatchedExperts(model.num_prompts)
+    run = dict(m=m, neg_weights=neg_weights, negatives_per_step=r)
+    fast = fast_cpl_step(model, batch, features, loss, sampler, generator=torch.Generator().manual_seed(8), **run)
+    other = step(model, batch, features, loss, sampler, generator=torch.Generator().manual_seed(8), **run)
+    assert len(other.negatives) == r and other.negative_images.shape[:2] == (r, 3)
+    assert_same_step(fast, other, model, 1e-10)
+    # and the same slots as the fast step over given negatives
+    negatives = given_negatives(model, batch, m)
+    fast = fast_cpl_step(model, batch, features, loss, sampler, negatives=negatives,
+                         generator=torch.Generator().manual_seed(8), **run)
+    other = step(model, batch, features, loss, sampler, negatives=negatives,
+                 generator=torch.Generator().manual_seed(8), **run)
+    assert [id(n) for n in other.negatives] == [id(n) for n in fast.negatives]
+
+
+@pytest.mark.parametrize("step", [fast_cpl_step, loop_cpl_step, literal_cpl_step], ids=["fast", "loop", "literal"])
+def test_bad_negatives_per_step(features, step):
     model = make_model("tiny", 1, torch.float64)
     batch = make_batch(2, torch.float64, None)
     sampler = MismatchedExperts(model.num_prompts)
     for bad in (0, -1, 5, 1.5, True, "2"):
         with pytest.raises(ValueError, match=r"negatives_per_step.*1 <= negatives_per_step <= m=4"):
-            fast_cpl_step(model, batch, features, CPRLoss(), sampler, m=4, negatives_per_step=bad)
+            step(model, batch, features, CPRLoss(), sampler, m=4, negatives_per_step=bad)
 
 
 def test_trainer_passes_negatives_per_step():

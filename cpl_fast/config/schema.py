@@ -59,9 +59,9 @@ class CprSettings:
     feature_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the extractor
                                                                    # (weights, layers)
     neg_chunk: int | None = None   # objective fast: negatives decoded per pass (None: all in one pass)
-    negatives_per_step: int | None = None  # objective fast: decode r of the m negatives per step, drawn
-                                           # uniformly (None: all m); the difference form's expectation
-                                           # is unchanged
+    negatives_per_step: int | None = None  # decode r of the m negatives per step, drawn uniformly
+                                           # (None: all m); the difference form's expectation is
+                                           # unchanged
 
 
 @dataclass(frozen=True)

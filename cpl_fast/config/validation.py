@@ -143,9 +143,6 @@ def validate(config: Mapping[str, Any]) -> None:
           f"cpr.neg_chunk chunks the negatives of objective fast; objective {config['objective']!r} "
           f"does not take it")
     _check_int(config, "cpr.negatives_per_step", 1, optional=True)
-    _need(cpr["negatives_per_step"] is None or config["objective"] in ("fast", "auto"),
-          f"cpr.negatives_per_step subsamples the negatives of objective fast; objective "
-          f"{config['objective']!r} does not take it")
     _need(cpr["negatives_per_step"] is None or cpr["negatives_per_step"] <= cpr["m"],
           f"cpr.negatives_per_step={cpr['negatives_per_step']} must be <= cpr.m={cpr['m']}")
     if config["objective"] != "l1" and cpr["negative_sampler"] == "mismatched_experts" and n is not None:

@@ -221,9 +221,8 @@ class Trainer:
         if self.process.enabled:
             negatives = GlobalBatchSampler(negatives, self.process)
         neg_chunk = cpr.neg_chunk if self.objective == "fast" else None
-        per_step = cpr.negatives_per_step if self.objective == "fast" else None
         return StepContext(features, cpr_loss, negatives, cpr.m, generator, neg_chunk, cpr.neg_grad,
-                           negatives_per_step=per_step)
+                           negatives_per_step=cpr.negatives_per_step)
 
     def _total_steps(self) -> int:
         train = self.settings.train

@@ -22,19 +22,9 @@ sampler's full call, and the negatives decoded in a second pass: the same rows a
 The second pass is also taken whenever ``neg_grad`` is not ``all``: the negatives are then decoded
 inside ``negative_pass`` (from a detached encoder state where the mode keeps the shared network out).
 
-``negatives_per_step=r`` (``r < m``) decodes only ``r`` of the ``m`` negatives: before anything
-else the step draws ``r`` distinct negative slots uniformly (``draw_negative_subset``, with the
-step's generator); the ``m`` negatives are then drawn (or given) as usual, and only the chosen
-slots are decoded and enter ``L_neg``, as the mean over the ``r`` of them (with their columns of
-``neg_weights``). Each slot is kept with probability ``r / m``, so that mean is an unbiased estimate
-of the full step's ``(1/m) sum_t w_t D_t`` per layer. The paper's ``difference`` form is linear in
-``L_neg``, so its expected loss and expected gradient over the draw equal the full step's exactly.
-The other forms are convex in ``L_neg`` (``ratio``: ``L_pos / (L_neg + eps)`` per layer;
-``hinge``: ``relu(margin L_pos - L_neg)``; ``logistic``: ``softplus((L_pos - L_neg) / tau)``), so
-their expected loss is at least the full step's (Jensen) and their expected gradient is the
-gradient of that expectation (e.g. the expectation of a mean of hinges, each active on its own
-draw), not the full step's: an r-subsampled hinge still pushes a sample's negatives on draws where
-the full step's hinge is already satisfied, and the other way round.
+``negatives_per_step=r`` (``r < m``) decodes only ``r`` of the ``m`` negatives, as every CPL step
+can (``cpl_fast.train.steps.inputs.kept_negatives``: what that estimates, and for which forms it is
+unbiased).
 """
 from __future__ import annotations
 
@@ -49,7 +39,7 @@ from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.protocol import map_state
 from cpl_fast.models.spm import Routing
 from cpl_fast.train.steps.negative_grad import check_mode, detaches_shared_state, negative_pass
-from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, unpack_batch
+from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
 from cpl_fast.train.steps.output import CPLStepOutput
 
 
@@ -81,23 +71,6 @@ def _first_rows(routing: Routing, rows: int) -> Routing:
     return Routing(routing.indices[:rows], routing.weights[:rows], probs)
 
 
-def draw_negative_subset(m: int, r: int | None, generator: torch.Generator | None = None) -> list[int] | None:
-    """The ``r`` negative slots (sorted) a step decodes out of ``m``, uniform without replacement.
-
-    ``None`` (all ``m``, nothing drawn) when ``r`` is None or ``r == m``: the full step itself.
-    Raises ``ValueError`` unless ``r`` is an int with ``1 <= r <= m``.
-    """
-    if r is None:
-        return None
-    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= m:
-        raise ValueError(f"negatives_per_step must be None or an int with 1 <= negatives_per_step <= m={m}, "
-                         f"got {r!r}")
-    if r == m:
-        return None
-    device = generator.device if generator is not None else torch.device("cpu")
-    return sorted(torch.randperm(m, generator=generator, device=device)[:r].tolist())
-
-
 def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                   negative_sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None, neg_chunk: int | None = None,
@@ -111,7 +84,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     ``cpl_fast.train.steps.negative_grad``.
 
     ``negatives_per_step``: decode only that many (``r``) of the ``m`` negatives, drawn uniformly
-    without replacement with ``generator`` before anything else (see the module docstring: the
+    without replacement with ``generator`` before anything else (``inputs.kept_negatives``: the
     ``difference`` form's expected loss and gradient equal the full step's; the convex forms'
     expected loss is at least the full step's). ``negatives`` and ``neg_weights`` still describe all
     ``m``; the result's ``negatives``, ``negative_images`` and ``l_neg`` are those of the ``r``
@@ -123,10 +96,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     degraded, target, task_ids = unpack_batch(batch)
     size = degraded.shape[0]
     check_neg_weights(neg_weights, size, m)
-    subset = draw_negative_subset(m, negatives_per_step, generator)
-    kept = list(range(m)) if subset is None else subset     # the negative slots decoded
-    if subset is not None and neg_weights is not None:
-        neg_weights = neg_weights[:, kept]
+    kept, neg_weights = kept_negatives(m, negatives_per_step, generator, neg_weights)   # the slots decoded
     chunks = _chunks(len(kept), neg_chunk)
     levels = model.num_prompt_levels
     one_pass = getattr(model, "accepts_routing_callables", False) and neg_grad == "all"
@@ -201,7 +171,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     neg_feats = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*neg_parts)]
     terms = cpr_loss(pos_feats, gt_feats, neg_feats, neg_weights)
     l1 = (restored - target).abs().mean()
-    used = drawn if subset is None else [drawn[t] for t in kept]
+    used = drawn if len(kept) == m else [drawn[t] for t in kept]
     return CPLStepOutput(loss=cpl_loss(restored, target, terms), l1=l1, cpr=terms.loss,
                          l_pos=terms.l_pos, l_neg=terms.l_neg,
                          restored=restored, routing=routing, negatives=used,

@@ -19,7 +19,7 @@ from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
 from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
-from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, unpack_batch
+from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
 from cpl_fast.train.steps.output import CPLStepOutput
 
 
@@ -41,18 +41,23 @@ def _cat_routings(per_sample: list[list[Routing]]) -> list[Routing]:
 def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                      negative_sampler: NegativeSampler, m: int = 4,
                      negatives: list[list[Routing]] | None = None, generator: torch.Generator | None = None,
-                     neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
+                     neg_weights: torch.Tensor | None = None, neg_grad: str = "all",
+                     negatives_per_step: int | None = None) -> CPLStepOutput:
     """One CPL step, per sample and per negative (Algorithm 1). Does not call ``backward``.
 
     ``batch``: ``(degraded, target, task_ids or None)``. ``negatives``: ``m`` per-level forced
     routings covering the batch (drawn with ``negative_sampler(..., generator=generator)`` when None).
     ``neg_weights``: optional ``(B, m)`` weights on the negative term (see ``CPRLoss``).
     ``neg_grad``: which parameters the negatives' gradient reaches (``cpl_fast.train.steps.negative_grad``).
+    ``negatives_per_step``: use only that many of the ``m`` negatives, drawn uniformly with ``generator``
+    before anything else (``cpl_fast.train.steps.inputs.kept_negatives``); the result's ``negatives``
+    are those used. None: all ``m``, as Algorithm 1.
     """
     check_mode(neg_grad)
     degraded, target, task_ids = unpack_batch(batch)
     size = degraded.shape[0]
     check_neg_weights(neg_weights, size, m)
+    kept, neg_weights = kept_negatives(m, negatives_per_step, generator, neg_weights)
 
     restored_rows, routing_rows = [], []
     for b in range(size):
@@ -63,12 +68,14 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
     if negatives is None:
         negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
+    if len(kept) < m:
+        negatives = [negatives[t] for t in kept]
 
     loss_rows, l1_rows, cpr_rows, l_pos_rows, l_neg_rows, negative_rows = [], [], [], [], [], []
     for b in range(size):
         x_b, target_b, restored_b = degraded[b:b + 1], target[b:b + 1], restored_rows[b]
         with negative_pass(model, neg_grad):
-            negative_images = [model(x_b, routing=[_row(r, b) for r in negatives[t]]) for t in range(m)]
+            negative_images = [model(x_b, routing=[_row(r, b) for r in negative]) for negative in negatives]
         negative_rows.append(torch.stack(negative_images).detach())
         pos_feats = features(restored_b)
         with torch.no_grad():

@@ -15,25 +15,29 @@ from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
 from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
-from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, unpack_batch
+from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
 from cpl_fast.train.steps.output import CPLStepOutput
 
 
 def loop_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_loss: CPRLoss,
                   negative_sampler: NegativeSampler, m: int = 4, negatives: list[list[Routing]] | None = None,
                   generator: torch.Generator | None = None,
-                  neg_weights: torch.Tensor | None = None, neg_grad: str = "all") -> CPLStepOutput:
+                  neg_weights: torch.Tensor | None = None, neg_grad: str = "all",
+                  negatives_per_step: int | None = None) -> CPLStepOutput:
     """One CPL step, batched per negative. Same arguments and result as ``literal_cpl_step``."""
     check_mode(neg_grad)
     degraded, target, task_ids = unpack_batch(batch)
     size = degraded.shape[0]
     check_neg_weights(neg_weights, size, m)
+    kept, neg_weights = kept_negatives(m, negatives_per_step, generator, neg_weights)
 
     restored, routing = model(degraded, return_routing=True)
     routing = list(routing)
     if negatives is None:
         negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
+    if len(kept) < m:
+        negatives = [negatives[t] for t in kept]
 
     pos_feats = features(restored)
     with torch.no_grad():

@@ -30,7 +30,7 @@ class StepContext:
     neg_chunk: int | None = None  # objective fast only
     neg_grad: str = "all"         # where the negatives' gradient goes (cpl_fast.train.steps.negative_grad)
     l1_only: bool = False         # CPR warm-up: this step is plain L1
-    negatives_per_step: int | None = None  # objective fast only: negatives decoded per step
+    negatives_per_step: int | None = None  # negatives decoded per step (None: all m)
 
 
 class StepModule(nn.Module):
