@@ -7,7 +7,8 @@ import torch
 from cpl_fast.cli.common import torch_device
 from cpl_fast.config import ConfigError
 from cpl_fast.devices import resolve_device
-from cpl_fast.train.distributed import DistInfo, resolve_device as trainer_device
+from cpl_fast.train.distributed import DistInfo
+from cpl_fast.train.distributed import resolve_device as trainer_device
 
 
 def test_auto_and_cpu():

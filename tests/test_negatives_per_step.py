@@ -174,7 +174,8 @@ def test_every_step_draws_the_same_subset(features, step):
     loss = CPRLoss(alpha=0.5, form="hinge", margin=2.0)
     sampler = MismatchedExperts(model.num_prompts)
     run = dict(m=m, neg_weights=neg_weights, negatives_per_step=r)
-    fast = fast_cpl_step(model, batch, features, loss, sampler, generator=torch.Generator().manual_seed(8), **run)
+    fast = fast_cpl_step(model, batch, features, loss, sampler, generator=torch.Generator().manual_seed(8),
+                         **run)
     other = step(model, batch, features, loss, sampler, generator=torch.Generator().manual_seed(8), **run)
     assert len(other.negatives) == r and other.negative_images.shape[:2] == (r, 3)
     assert_same_step(fast, other, model, 1e-10)
@@ -187,7 +188,8 @@ def test_every_step_draws_the_same_subset(features, step):
     assert [id(n) for n in other.negatives] == [id(n) for n in fast.negatives]
 
 
-@pytest.mark.parametrize("step", [fast_cpl_step, loop_cpl_step, literal_cpl_step], ids=["fast", "loop", "literal"])
+@pytest.mark.parametrize("step", [fast_cpl_step, loop_cpl_step, literal_cpl_step],
+                         ids=["fast", "loop", "literal"])
 def test_bad_negatives_per_step(features, step):
     model = make_model("tiny", 1, torch.float64)
     batch = make_batch(2, torch.float64, None)

@@ -27,7 +27,6 @@ from typing import Any
 from cpl_fast.runs.layout import LOCK_FILE, RUN_MARKERS
 
 
-
 class RunFolderError(ValueError):
     """A run folder cannot be used as asked; the message says why and what to do."""
 

@@ -53,7 +53,6 @@ from cpl_fast.runs.checkpoints import latest_checkpoint
 from cpl_fast.runs.layout import CHECKPOINT_DIR, CONFIG_FILE, EMA_FILE, MODEL_FILE
 
 
-
 @dataclass
 class LoadedModel:
     """A model with its weights, where they came from and the run config when there is one."""

@@ -38,8 +38,8 @@ from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.protocol import map_state
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.steps.negative_grad import check_mode, detaches_shared_state, negative_pass
 from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
+from cpl_fast.train.steps.negative_grad import check_mode, detaches_shared_state, negative_pass
 from cpl_fast.train.steps.output import CPLStepOutput
 
 

@@ -18,8 +18,8 @@ from torch import nn
 from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
 from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
+from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
 from cpl_fast.train.steps.output import CPLStepOutput
 
 
