@@ -55,9 +55,10 @@ def _normalise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _normalise_backward(grad: torch.Tensor, unit: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    projected = (grad - unit * (grad * unit).sum(-1, keepdim=True)) / norm
-    # Below eps the divisor is the constant eps: no projection term.
-    return torch.where(norm > NORMALIZE_EPS, projected, grad / norm)
+    # (grad - unit <grad, unit>) / norm in three passes over the rows (vecdot, addcmul, div_), none of
+    # them a full-size temporary. Below eps the divisor is the constant eps: no projection term.
+    dot = torch.linalg.vecdot(grad, unit).unsqueeze(-1).masked_fill_(norm <= NORMALIZE_EPS, 0.0)
+    return torch.addcmul(grad, unit, dot, value=-1.0).div_(norm)
 
 
 class _ChannelAttention(torch.autograd.Function):
