@@ -22,7 +22,8 @@ weights, 64x64, batch 2, m = 4, the difference form). Per case, forward and back
 ``--trainer-steps N`` also times ``Trainer.train_step`` of the demo config itself (the whole
 optimiser step: CPR, router-bias update, health signals, Adam), CPR (optionally with
 ``cpr.negatives_per_step`` r for each ``--per-step r``) against the same model with objective
-``l1`` and against the demo's dense L1 baseline, the trainers' steps interleaved. ``--profile``
+``l1``, against the demo's dense L1 baseline and against CPR over all ``m`` negatives per step (the
+default recipe decodes 2), the trainers' steps interleaved; ``--no-parts`` times only these. ``--profile``
 prints the fast step's top operators (``torch.profiler``, self CPU time). ``--levers`` times
 alternatives of the fast step's layout on the same shapes: the decoder's B (1 + m) rows in one pass
 or in 1 + m passes of B rows, with a contiguous or a channels-last encoder state, and the whole
@@ -256,8 +257,9 @@ def trainer_lines(steps: int, per_step: tuple[int, ...]) -> list[str]:
     from cpl_fast.train import Trainer, load_config
 
     variants = {"CPR (demo default)": [], "L1, same model (tiny)": ["objective=l1"],
-                "L1, dense baseline (tiny_dense)": ["objective=l1", "model.preset=tiny_dense"]}
-    variants["CPR, neg_chunk=1"] = ["cpr.neg_chunk=1"]
+                "L1, dense baseline (tiny_dense)": ["objective=l1", "model.preset=tiny_dense"],
+                "CPR, all m negatives": ["cpr.negatives_per_step=null"],
+                "CPR, all m negatives, neg_chunk=1": ["cpr.negatives_per_step=null", "cpr.neg_chunk=1"]}
     for r in per_step:
         variants[f"CPR, negatives_per_step={r}"] = [f"cpr.negatives_per_step={r}"]
     trainers = {}
@@ -294,6 +296,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--levers", action="store_true", help="also time the layout alternatives")
     parser.add_argument("--trainer-steps", type=int, default=0)
+    parser.add_argument("--no-parts", action="store_true",
+                        help="skip the per-case parts (with --trainer-steps: time the trainers only)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -304,7 +308,7 @@ def main() -> None:
              f"- torch {torch.__version__}",
              f"- command: `python bench/cpr_step_breakdown.py {' '.join(sys.argv[1:])}`",
              f"- /proc/loadavg at the start: {loadavg()}", ""]
-    for case in args.case or ["demo", "cpl-64-b2"]:
+    for case in [] if args.no_parts else args.case or ["demo", "cpl-64-b2"]:
         fns = parts(case, args.loop, per_step, args.levers)
         lines += case_table(case, time_parts(fns, args.rounds), args.rounds)
         if args.profile:

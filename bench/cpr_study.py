@@ -9,7 +9,8 @@ Each (seed, entry) is one ``cpl-train`` process (``--preset cpr_study`` with the
 and ``cpl-analyze`` (task-expert information per prompt level, and the prompt gap: PSNR with the
 image's own prompts minus the mean PSNR with every other expert). Runs that already have their
 ``score.json`` are skipped, so an interrupted study continues where it stopped.
-``report`` writes ``cpr_study.md``, ``cpr_study.json`` and ``cpr_study.png`` into ``--results``.
+``report`` writes ``<name>_table.md``, ``<name>.json`` and ``<name>.png`` into ``--results`` (``--name``,
+default ``cpr_study``; the prose around the table lives in ``<name>.md``).
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def collect(out: Path) -> dict[str, list[dict[str, Any]]]:
     return runs
 
 
-def report(out: Path, results: Path) -> Path:
+def report(out: Path, results: Path, stem: str = "cpr_study") -> Path:
     runs = collect(out)
     if not runs:
         raise SystemExit(f"no scored runs under {out}")
@@ -170,8 +171,8 @@ def report(out: Path, results: Path) -> Path:
         })
     results.mkdir(parents=True, exist_ok=True)
     payload = {"tasks": tasks, "inputs": next(iter(runs.values()))[0]["inputs"], "rows": rows}
-    (results / "cpr_study.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
-    _figure(rows, results / "cpr_study.png")
+    (results / f"{stem}.json").write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    _figure(rows, results / f"{stem}.png")
 
     def fmt(values: list[float], digits: int = 2) -> str:
         return " / ".join(f"{v:+.{digits}f}" if v is not None else "-" for v in values) if values else "-"
@@ -187,7 +188,7 @@ def report(out: Path, results: Path) -> Path:
         lines.append(f"| {r['name']} | {r['mean_psnr']:.2f} ± {r['std_psnr']:.2f} | {fmt(r['vs_spm_l1'])} | "
                      f"{fmt(r['vs_dense'])} | " + " | ".join(f"{r['per_task'][t]:.2f}" for t in tasks)
                      + f" | {info} | {gaps} | {ratio} | {r['wall_s']:.0f} |")
-    path = results / "cpr_study_table.md"
+    path = results / f"{stem}_table.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = sub.add_parser("report", help="tables and figures from the scored runs")
     rep.add_argument("--out", type=Path, default=Path("runs/cpr_study"))
     rep.add_argument("--results", type=Path, default=Path(__file__).resolve().parent / "results")
+    rep.add_argument("--name", default="cpr_study", help="file name stem of the tables and figure")
     args = parser.parse_args(argv)
 
     if args.command == "score":
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_bytes(args.run_dir / SCORE_FILE, json.dumps(score(args.run_dir), indent=1).encode())
         return 0
     if args.command == "report":
-        print(report(args.out, args.results).read_text(encoding="utf-8"))
+        print(report(args.out, args.results, args.name).read_text(encoding="utf-8"))
         return 0
     grid = conditions()
     unknown = sorted(set(args.only or []) - set(grid))
