@@ -133,8 +133,14 @@ def test_balancing_a_dense_router_is_refused_and_bias_builds_the_model_with_bias
 def test_recipe_bundle_sits_under_explicit_settings():
     paper = load_config("demo", overrides=["cpr.recipe=paper"])
     cpr = paper["cpr"]
-    assert (cpr["form"], cpr["alpha"], cpr["neg_grad"], paper["router"]["balance"]) == \
-        ("difference", 0.01, "all", "none")
+    settings = (cpr["form"], cpr["alpha"], cpr["neg_grad"], cpr["negatives_per_step"])
+    assert settings == ("difference", 0.01, "all", None) and paper["router"]["balance"] == "none"
+    # The default recipe decodes a subset of the negatives; the paper's decodes all m.
+    stable = load_config("demo")["cpr"]
+    assert (stable["form"], stable["negatives_per_step"]) == ("hinge", 2)
+    with pytest.raises(ConfigError, match=r"negatives_per_step=2 must be <= cpr.m=1: set it to at most m"):
+        load_config("demo", overrides=["cpr.m=1"])
+    assert load_config("demo", overrides=["cpr.m=1", "cpr.negatives_per_step=null"])["cpr"]["m"] == 1
     explicit = load_config("demo", overrides=["cpr.recipe=paper", "cpr.alpha=0.5"])
     assert explicit["cpr"]["alpha"] == 0.5
     # A baseline asking for the paper recipe gets the paper's settings whatever the main run used.

@@ -1,4 +1,5 @@
-"""A run's config from its layers: defaults <- CPR recipe <- preset <- YAML files <- ``--data`` <- ``--set``."""
+"""A run's config from its layers: defaults <- CPR recipe <- preset <- YAML files <- ``--data`` <-
+``--set``."""
 from __future__ import annotations
 
 import copy
