@@ -205,7 +205,11 @@ def run_command(command: Sequence[str], env: Mapping[str, str], limit_s: float, 
 
 
 def phase_env(phase: Phase, work: Path) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", **phase.env)
+    # A phase is a pytest session of its own: a parent pytest-xdist worker's variables would make
+    # pytest-benchmark switch itself off there.
+    inherited = {key: value for key, value in os.environ.items()
+                 if not key.startswith(("PYTEST_XDIST_", "PYTEST_CURRENT_TEST"))}
+    env = dict(inherited, PYTHONUNBUFFERED="1", **phase.env)
     if phase.kind == "pytest":   # benchmark results go to the run's folder, never into bench/results/
         env["CPL_BENCH_RESULTS"] = str(work / phase.name)
     return env

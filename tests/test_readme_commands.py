@@ -70,9 +70,9 @@ def work(tmp_path_factory):
 
 
 def test_quick_start_test_command_is_what_ci_runs():
-    _documented("bash scripts/setup_env.sh && .venv/bin/python -m pytest")
+    _documented("bash scripts/setup_env.sh && .venv/bin/python -m pytest -n 2")
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "bash scripts/setup_env.sh" in ci and re.search(r"^\.venv/bin/python -m pytest$", ci, re.M)
+    assert "bash scripts/setup_env.sh" in ci and re.search(r"^\.venv/bin/python -m pytest -n 2$", ci, re.M)
 
 
 def test_usage_snippet_runs():
