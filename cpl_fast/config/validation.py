@@ -145,7 +145,8 @@ def validate(config: Mapping[str, Any]) -> None:
     _check_int(config, "cpr.negatives_per_step", 1, optional=True)
     _need(cpr["negatives_per_step"] is None or cpr["negatives_per_step"] <= cpr["m"],
           f"cpr.negatives_per_step={cpr['negatives_per_step']} must be <= cpr.m={cpr['m']}: set it to at "
-          f"most m, or null for all m (cpr.recipe stable decodes 2 negatives a step)")
+          f"most m, or null for all m (cpr.recipe stable decodes "
+          f"{RECIPES['stable']['cpr.negatives_per_step']} negatives a step)")
     if config["objective"] != "l1" and cpr["negative_sampler"] == "mismatched_experts" and n is not None:
         _need(cpr["m"] <= n - 1, f"cpr.m={cpr['m']} negatives with negative_sampler mismatched_experts need "
                                  f"m <= n - 1 = {n - 1} (each negative uses a different other expert)")

@@ -38,7 +38,13 @@ from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.protocol import map_state
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
+from cpl_fast.train.steps.inputs import (
+    check_neg_weights,
+    check_negatives,
+    kept_negatives,
+    unpack_batch,
+    used_negatives,
+)
 from cpl_fast.train.steps.negative_grad import check_mode, detaches_shared_state, negative_pass
 from cpl_fast.train.steps.output import CPLStepOutput
 
@@ -171,7 +177,7 @@ def fast_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     neg_feats = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in zip(*neg_parts)]
     terms = cpr_loss(pos_feats, gt_feats, neg_feats, neg_weights)
     l1 = (restored - target).abs().mean()
-    used = drawn if len(kept) == m else [drawn[t] for t in kept]
+    used = used_negatives(drawn, kept)
     return CPLStepOutput(loss=cpl_loss(restored, target, terms), l1=l1, cpr=terms.loss,
                          l_pos=terms.l_pos, l_neg=terms.l_neg,
                          restored=restored, routing=routing, negatives=used,

@@ -82,3 +82,8 @@ def kept_negatives(m: int, r: int | None, generator: torch.Generator | None,
     if subset is None:
         return list(range(m)), neg_weights
     return subset, None if neg_weights is None else neg_weights[:, subset]
+
+
+def used_negatives(negatives: list, kept: list[int]) -> list:
+    """The negatives of the slots ``kept``; the list itself when every slot is kept."""
+    return negatives if len(kept) == len(negatives) else [negatives[t] for t in kept]

@@ -18,7 +18,13 @@ from torch import nn
 from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
+from cpl_fast.train.steps.inputs import (
+    check_neg_weights,
+    check_negatives,
+    kept_negatives,
+    unpack_batch,
+    used_negatives,
+)
 from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
 from cpl_fast.train.steps.output import CPLStepOutput
 
@@ -68,8 +74,7 @@ def literal_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr
     if negatives is None:
         negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
-    if len(kept) < m:
-        negatives = [negatives[t] for t in kept]
+    negatives = used_negatives(negatives, kept)
 
     loss_rows, l1_rows, cpr_rows, l_pos_rows, l_neg_rows, negative_rows = [], [], [], [], [], []
     for b in range(size):

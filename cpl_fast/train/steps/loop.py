@@ -14,7 +14,13 @@ from torch import nn
 from cpl_fast.losses.cpr import CPRLoss, cpl_loss
 from cpl_fast.losses.negatives import NegativeSampler
 from cpl_fast.models.spm import Routing
-from cpl_fast.train.steps.inputs import check_neg_weights, check_negatives, kept_negatives, unpack_batch
+from cpl_fast.train.steps.inputs import (
+    check_neg_weights,
+    check_negatives,
+    kept_negatives,
+    unpack_batch,
+    used_negatives,
+)
 from cpl_fast.train.steps.negative_grad import check_mode, negative_pass
 from cpl_fast.train.steps.output import CPLStepOutput
 
@@ -36,8 +42,7 @@ def loop_cpl_step(model: nn.Module, batch: Sequence, features: nn.Module, cpr_lo
     if negatives is None:
         negatives = negative_sampler(routing, m, task_ids=task_ids, generator=generator)
     check_negatives(negatives, m, len(routing), size)
-    if len(kept) < m:
-        negatives = [negatives[t] for t in kept]
+    negatives = used_negatives(negatives, kept)
 
     pos_feats = features(restored)
     with torch.no_grad():
