@@ -250,3 +250,18 @@ def test_reference_matches_interpolate_of_the_mix():
     out = prompt_mix_reference(bank, indices, torch.ones(2, 1, dtype=torch.float64), (7, 4))
     expected = F.interpolate(bank[[2, 0]], size=(7, 4), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_routing_matrix_sums_duplicates_like_scatter_add():
+    """The compare-and-sum routing matrix is scatter_add's: repeated experts add their weights."""
+    from cpl_fast.ops._reference import routing_matrix
+
+    gen = torch.Generator().manual_seed(7)
+    indices = torch.randint(0, 5, (6, 4), generator=gen)
+    indices[0] = torch.tensor([3, 3, 1, 3])                       # a duplicate for sure
+    weights = torch.rand(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected = torch.zeros(6, 5, dtype=torch.float64).scatter_add(1, indices, weights)
+    out = routing_matrix(indices, weights, 5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-15)
+    assert out[0, 3] == weights[0, [0, 1, 3]].sum()
+    assert torch.autograd.gradcheck(lambda w: routing_matrix(indices, w, 5), (weights,))

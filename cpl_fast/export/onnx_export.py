@@ -76,22 +76,6 @@ def check_opset(opset: object) -> int:
     return opset
 
 
-def _scatter_add_one_hot(self: torch.Tensor, dim: int, index: torch.Tensor,
-                         src: torch.Tensor) -> torch.Tensor:
-    """``self.scatter_add(dim, index, src)`` for ``(B, n)`` tensors along ``dim = 1``, as compare-and-sum.
-
-    The routing weight matrix of the prompt mix is built with ``scatter_add`` (duplicate indices
-    summed); ONNX writes that as ``ScatterElements(reduction="add")``, which TensorRT's parser
-    rejects. ``out[b, i] = self[b, i] + sum_j src[b, j] * (index[b, j] == i)`` is the same sum
-    (``Equal``, ``Where``, ``ReduceSum``); other scatter_adds are not rewritten.
-    """
-    if self.dim() != 2 or index.dim() != 2 or dim not in (1, -1):
-        raise ValueError("cpl_fast export: scatter_add is lowered only for (B, n) tensors along "
-                         f"dim 1, got self {tuple(self.shape)}, dim {dim}")
-    hit = index.unsqueeze(-1) == torch.arange(self.shape[1], device=index.device)     # (B, k, n)
-    return self + torch.where(hit, src.unsqueeze(-1), torch.zeros((), dtype=src.dtype)).sum(1)
-
-
 def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int, int] | None = None,
                 opset: int = DEFAULT_OPSET, routing: bool = False) -> ExportReport:
     """Export ``model``'s inference (its own routing, ``top_k`` experts per level) to ``path``.
@@ -131,10 +115,10 @@ def export_onnx(model: SparsePromptIR, path: str | os.PathLike, size: tuple[int,
     with warnings.catch_warnings():
         # torch.export's own deprecation chatter; real problems raise.
         warnings.simplefilter("ignore", FutureWarning)
+        # The routing matrix is built by compare-and-sum (ops._reference.routing_matrix), not
+        # scatter_add, so no ScatterElements reaches TensorRT and torch.onnx's own decomposition is
+        # the only one the graph needs.
         exported = torch.export.export(graph, (example,), dynamic_shapes={INPUT_NAME: dims}, strict=False)
-        table = torch.export.default_decompositions()
-        table[torch.ops.aten.scatter_add.default] = _scatter_add_one_hot
-        exported = exported.run_decompositions(table)
         program = torch.onnx.export(exported, (example,), dynamo=True, opset_version=opset,
                                     input_names=[INPUT_NAME], output_names=graph.output_names(),
                                     optimize=True, verbose=False)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpl_fast.ops import prompt_mix
+from cpl_fast.ops._reference import routing_matrix
 
 
 class Routing(NamedTuple):
@@ -229,7 +230,5 @@ def _mix_folded(folded: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     weights = weights.to(folded.dtype)
     if 2 * indices.shape[1] > n:
         # Many experts per sample (dense routing): a (B, n) weight matrix times the bank.
-        dense = torch.zeros(indices.shape[0], n, dtype=folded.dtype, device=folded.device)
-        dense.scatter_add_(1, indices, weights)
-        return torch.einsum("bn,nchw->bchw", dense, folded)
+        return torch.einsum("bn,nchw->bchw", routing_matrix(indices, weights, n), folded)
     return torch.einsum("bk,bkchw->bchw", weights, folded[indices])

@@ -8,19 +8,30 @@ import torch
 import torch.nn.functional as F
 
 
+def routing_matrix(indices: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """The ``(B, n)`` matrix of kept routing weights: ``out[b, i] = sum_j weights[b, j] [indices[b, j] = i]``.
+
+    Written as compare-and-sum rather than ``scatter_add`` (the same sum; duplicate indices add up)
+    because ONNX writes ``scatter_add`` as ``ScatterElements(reduction="add")``, which TensorRT's
+    parser rejects, while this exports as ``Equal``, ``Where`` and ``ReduceSum``. It costs
+    ``B x k x n`` booleans, nothing next to the maps it weights.
+    """
+    hit = indices.unsqueeze(-1) == torch.arange(n, device=indices.device)         # (B, k, n)
+    return torch.where(hit, weights.unsqueeze(-1), weights.new_zeros(())).sum(1)
+
+
 def prompt_mix_reference(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                          size: tuple[int, int]) -> torch.Tensor:
     """``out[b] = sum_j weights[b, j] * bilinear(bank[indices[b, j]], size)``.
 
     Mixes the selected experts at the bank's resolution, then resizes once (bilinear resize is
     linear, so mixing before or after it is the same function). The mix is one ``(B, n)`` matrix
-    (the kept weights scattered, duplicates summed) times the flattened bank, so no
+    (``routing_matrix``: the kept weights, duplicates summed) times the flattened bank, so no
     ``B x k x C x S x S'`` gather is allocated, whatever ``k`` is (the dense PromptIR has ``k = n``).
     bank ``(n, C, S, S')``, indices ``(B, k)`` int64, weights ``(B, k)`` -> ``(B, C, H, W)``.
     """
     n, channels, height, width = bank.shape
-    mix = weights.new_zeros(indices.shape[0], n).to(bank.dtype)
-    mix = mix.scatter_add(1, indices, weights.to(bank.dtype))
+    mix = routing_matrix(indices, weights.to(bank.dtype), n)
     mixed = (mix @ bank.reshape(n, -1)).view(-1, channels, height, width)
     return F.interpolate(mixed, size=tuple(size), mode="bilinear", align_corners=False)
 
