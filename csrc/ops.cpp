@@ -42,4 +42,9 @@ TORCH_LIBRARY(cpl_fast, m) {
   m.def("gated_gelu(Tensor x) -> Tensor");
   // -> grad_x (B, 2C, *)
   m.def("_gated_gelu_backward(Tensor grad_out, Tensor x) -> Tensor");
+  // x (B, C, H, W), weight (C, 1, 3, 3) -> the depthwise 3x3 convolution, stride 1, padding 1, no bias
+  // (F.conv2d(x, weight, padding=1, groups=C)).
+  m.def("depthwise_conv3x3(Tensor x, Tensor weight) -> Tensor");
+  // -> (grad_x, grad_weight)
+  m.def("_depthwise_conv3x3_backward(Tensor grad_out, Tensor x, Tensor weight) -> (Tensor, Tensor)");
 }

@@ -7,9 +7,10 @@ Every convolution is bias-free, as in the published ``bias=False`` configuration
 Fused ops. By default the blocks compute through cpl_fast's backbone ops: the channel layer norm of
 ``LayerNorm`` (:func:`cpl_fast.ops.channel_layernorm`: no transposes to and from ``(B, HW, C)``), the
 feed-forward gate (:func:`cpl_fast.ops.gated_gelu`), the attention core of ``Attention``
-(:func:`cpl_fast.ops.channel_attention`: its backward in contiguous layouts) and every 1x1 convolution
+(:func:`cpl_fast.ops.channel_attention`: its backward in contiguous layouts), every 1x1 convolution
 (:class:`PointwiseConv2d`: a GEMM over the channels where PyTorch's CPU convolution takes its slow
-path). Each module's ``ops`` attribute (``"fused"`` or ``"reference"``; :func:`set_backbone_ops` sets it
+path) and every 3x3 depthwise convolution (:class:`DepthwiseConv3x3`: cpl_fast's CPU kernels). Each
+module's ``ops`` attribute (``"fused"`` or ``"reference"``; :func:`set_backbone_ops` sets it
 on a whole model) chooses; ``"reference"`` is the published composite, line for line. Both are the same
 function (tests/test_fused_model.py compares the whole model's outputs and gradients). While
 ``torch.export`` or TorchScript traces a model the blocks take the reference composites whatever ``ops``
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from cpl_fast.ops._reference import channel_attention_reference
 from cpl_fast.ops.channel_attention import channel_attention
 from cpl_fast.ops.channel_layernorm import channel_layernorm
+from cpl_fast.ops.depthwise_conv import depthwise_conv3x3
 from cpl_fast.ops.gated_gelu import gated_gelu
 from cpl_fast.ops.pointwise_conv import pointwise_conv
 
@@ -42,7 +44,7 @@ def set_backbone_ops(model: nn.Module, ops: str) -> nn.Module:
     if ops not in BACKBONE_OPS:
         raise ValueError(f"set_backbone_ops: ops must be one of {BACKBONE_OPS}, got {ops!r}")
     for module in model.modules():
-        if isinstance(module, (LayerNorm, Attention, FeedForward, PointwiseConv2d)):
+        if isinstance(module, (LayerNorm, Attention, FeedForward, PointwiseConv2d, DepthwiseConv3x3)):
             module.ops = ops
     return model
 
@@ -63,6 +65,21 @@ class PointwiseConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fused(self):
             return pointwise_conv(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class DepthwiseConv3x3(nn.Conv2d):
+    """The blocks' 3x3 depthwise ``nn.Conv2d`` (padding 1, no bias; same parameters, same state-dict keys)
+    computed by :func:`cpl_fast.ops.depthwise_conv3x3`, whose CPU kernels replace oneDNN's NCHW depthwise
+    convolution (a quarter of a CPU training step before); on a GPU that op runs ``F.conv2d`` itself."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, channels, kernel_size=3, padding=1, groups=channels, bias=False)
+        self.ops = "fused"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _fused(self):
+            return depthwise_conv3x3(x, self.weight)
         return super().forward(x)
 
 
@@ -138,7 +155,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = PointwiseConv2d(dim, dim * 3)
-        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
+        self.qkv_dwconv = DepthwiseConv3x3(dim * 3)
         self.project_out = PointwiseConv2d(dim, dim)
         self.ops = "fused"
 
@@ -160,8 +177,7 @@ class FeedForward(nn.Module):
         super().__init__()
         hidden = int(dim * ffn_expansion_factor)
         self.project_in = PointwiseConv2d(dim, hidden * 2)
-        self.dwconv = nn.Conv2d(hidden * 2, hidden * 2, kernel_size=3, padding=1, groups=hidden * 2,
-                                bias=False)
+        self.dwconv = DepthwiseConv3x3(hidden * 2)
         self.project_out = PointwiseConv2d(hidden, dim)
         self.ops = "fused"
 

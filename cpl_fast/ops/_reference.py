@@ -88,6 +88,12 @@ def gated_gelu_reference(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x1) * x2
 
 
+def depthwise_conv3x3_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Restormer's depthwise 3x3 convolution (``qkv_dwconv``, the FFN's ``dwconv``): stride 1, padding 1,
+    no bias, one 3x3 filter per channel; ``x (B, C, H, W)``, ``weight (C, 1, 3, 3)``."""
+    return F.conv2d(x, weight, padding=1, groups=x.shape[1])
+
+
 def pointwise_conv_reference(x: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None = None) -> torch.Tensor:
     """The 1x1 convolution ``F.conv2d(x, weight, bias)`` with ``weight (O, C, 1, 1)``."""
