@@ -87,15 +87,18 @@ class TestDepthwiseConv3x3(KernelOpTester):
         with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run this call: .*no Triton kernel"):
             depthwise_conv3x3(*args, backend="triton")
         if self.dispatcher.kernels.load_error is None:
-            with pytest.raises(RuntimeError, match="the cpu backend takes float32, float64, bfloat16, not float16"):
+            takes = "the cpu backend takes float32, float64, bfloat16, not float16"
+            with pytest.raises(RuntimeError, match=takes):
                 depthwise_conv3x3(*self.dispatch_args(torch.float16), backend="cpu")
 
     def bad_inputs(self):
         x = torch.randn(2, 4, 5, 5)
+        shape = r"weight must be \(4, 1, 3, 3\)"
         return {
-            "3d": ((torch.randn(4, 5, 5), torch.randn(4, 1, 3, 3)), {}, ValueError, r"x must be \(B, C, H, W\)"),
-            "weight_channels": ((x, torch.randn(3, 1, 3, 3)), {}, ValueError, r"weight must be \(4, 1, 3, 3\)"),
-            "weight_5x5": ((x, torch.randn(4, 1, 5, 5)), {}, ValueError, r"weight must be \(4, 1, 3, 3\)"),
+            "3d": ((torch.randn(4, 5, 5), torch.randn(4, 1, 3, 3)), {}, ValueError,
+                   r"x must be \(B, C, H, W\)"),
+            "weight_channels": ((x, torch.randn(3, 1, 3, 3)), {}, ValueError, shape),
+            "weight_5x5": ((x, torch.randn(4, 1, 5, 5)), {}, ValueError, shape),
             "dtype": ((x, torch.randn(4, 1, 3, 3, dtype=torch.float64)), {}, ValueError, "dtype"),
             "int": ((x.long(), torch.randn(4, 1, 3, 3)), {}, ValueError, "floating-point"),
             "list": (([1.0], torch.randn(4, 1, 3, 3)), {}, TypeError, "must be tensors"),
@@ -128,7 +131,7 @@ def test_compiled_op_checks_its_arguments():
 
 
 def test_autocast_takes_the_reference():
-    """Under CPU autocast the convolution is PyTorch's own (its autocast dtype rules), float32 weight and all."""
+    """Under CPU autocast the convolution is PyTorch's own (its autocast dtype rules), float32 weight too."""
     x = torch.randn(1, 4, 6, 6)
     weight = torch.randn(4, 1, 3, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):

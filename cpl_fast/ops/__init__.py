@@ -42,7 +42,8 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, dict[str
 
 
 __all__ = ["prompt_mix", "cpr_distances", "channel_layernorm", "gated_gelu", "pointwise_conv",
-           "channel_attention", "depthwise_conv3x3", "available_backends", "prompt_mix_reference", "prompt_mix_materialized",
+           "channel_attention", "depthwise_conv3x3", "available_backends", "prompt_mix_reference",
+           "prompt_mix_materialized",
            "cpr_distances_reference", "channel_layernorm_reference", "gated_gelu_reference",
            "pointwise_conv_reference", "channel_attention_reference",
            "depthwise_conv3x3_reference"]
