@@ -1,5 +1,6 @@
-"""The cpl model's L1 step with the reference ops, the fused ops without the attention op, and all fused
-ops, timed in turn (interleaved rounds, so that drift of a shared machine hits every variant alike).
+"""The cpl model's L1 step with the reference ops, the fused ops without the depthwise-convolution op, without
+the attention op, and all fused ops, timed in turn (interleaved rounds, so that drift of a shared machine hits
+every variant alike).
 
     OMP_NUM_THREADS=1 python bench/backbone_ab.py --size 64 --batch 2 [--rounds 5] [--model cpl]
 
@@ -15,9 +16,10 @@ import torch
 
 from cpl_fast import memory
 from cpl_fast.models import build_model
-from cpl_fast.models.restormer import Attention, set_backbone_ops
+from cpl_fast.models.restormer import Attention, DepthwiseConv3x3, set_backbone_ops
 
-VARIANTS = ("reference", "fused_without_attention", "fused")
+VARIANTS = ("reference", "fused_without_depthwise", "fused_without_attention", "fused")
+WITHOUT = {"fused_without_depthwise": DepthwiseConv3x3, "fused_without_attention": Attention}
 
 
 def _model(preset: str, variant: str):
@@ -25,9 +27,9 @@ def _model(preset: str, variant: str):
     model = build_model(preset)
     if variant == "reference":
         set_backbone_ops(model, "reference")
-    elif variant == "fused_without_attention":
+    elif variant in WITHOUT:
         for module in model.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, WITHOUT[variant]):
                 module.ops = "reference"
     return model, torch.optim.Adam(model.parameters(), lr=1e-4)
 
@@ -63,8 +65,8 @@ def main() -> None:
     median = {variant: sorted(values)[len(values) // 2] for variant, values in seconds.items()}
     print(f"{args.model} {args.size}px batch {args.batch}, {torch.get_num_threads()} thread(s), CPU s/step "
           f"(median of {args.rounds}): " + ", ".join(f"{v} {s:.3f}" for v, s in median.items()))
-    print(f"reference / fused {median['reference'] / median['fused']:.2f}x; fused_without_attention / fused "
-          f"{median['fused_without_attention'] / median['fused']:.2f}x")
+    print(f"reference / fused {median['reference'] / median['fused']:.2f}x; "
+          + "; ".join(f"{v} / fused {median[v] / median['fused']:.2f}x" for v in WITHOUT))
 
 
 if __name__ == "__main__":

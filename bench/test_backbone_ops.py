@@ -9,12 +9,14 @@ Ops (groups ``<op>-fwd|bwd|full``), at the shapes the ``cpl`` model (dim 48, 64x
 * ``pointwise_conv``: ``qkv`` of level 1 (48 -> 144), ``project_in`` of decoder level 1 (96 -> 510) and
   ``project_out`` of decoder level 1 (255 -> 96);
 * ``channel_attention``: the MDTA core of decoder level 1 (1 head of 96 channels, 64x64), level 2 (2 x 48,
-  32x32) and level 3 (4 x 48, 16x16).
+  32x32) and level 3 (4 x 48, 16x16);
+* ``depthwise_conv3x3``: the FFN's ``dwconv`` of decoder level 1 (510 channels, 64x64), ``qkv_dwconv`` of
+  encoder level 1 (144, 64x64), the FFN's ``dwconv`` of level 3 (1020, 16x16) and of the latent (2042, 8x8).
 
 Providers: ``reference`` (cpl_fast.ops._reference: the published composite, ``F.conv2d`` for the 1x1
 convolution), ``compile`` (torch.compile of the reference), and the fused backends ``cpu``, ``triton`` and
 ``cuda`` (each skipped with the dispatcher's reasons where it cannot run; ``triton`` and ``cuda`` carry the
-``gpu`` marker). ``pointwise_conv`` has one fused provider, ``gemm`` (the batched GEMM the model uses on the
+``gpu`` marker; ``depthwise_conv3x3`` has the ``cpu`` one only). ``pointwise_conv`` has one fused provider, ``gemm`` (the batched GEMM the model uses on the
 CPU; on a GPU the model keeps ``F.conv2d``), ``channel_attention`` one too, ``written`` (the written-out
 backward the model uses). ``fwd`` times the forward without autograd; ``bwd`` the backward
 alone (the forward runs in the round's setup); ``full`` both.
@@ -53,11 +55,14 @@ from cpl_fast.ops import (
     channel_attention_reference,
     channel_layernorm,
     channel_layernorm_reference,
+    depthwise_conv3x3,
+    depthwise_conv3x3_reference,
     gated_gelu,
     gated_gelu_reference,
     pointwise_conv_reference,
 )
 from cpl_fast.ops.channel_layernorm import DISPATCHER as LN_DISPATCHER
+from cpl_fast.ops.depthwise_conv import DISPATCHER as DW_DISPATCHER
 from cpl_fast.ops.gated_gelu import DISPATCHER as GELU_DISPATCHER
 from cpl_fast.ops.pointwise_conv import pointwise_conv_gemm
 
@@ -70,6 +75,8 @@ GELU_CASES = {"enc1": (127, CROP), "dec1": (255, CROP), "latent": (1021, CROP //
 PW_CASES = {"enc1 qkv": (48, 144, CROP), "dec1 project_in": (96, 510, CROP),
             "dec1 project_out": (255, 96, CROP)}
 ATTN_CASES = {"dec1": (1, 96, CROP), "level2": (2, 48, CROP // 2), "level3": (4, 48, CROP // 4)}
+DW_CASES = {"dec1 dwconv": (510, CROP), "enc1 qkv_dwconv": (144, CROP), "level3 dwconv": (1020, CROP // 4),
+            "latent dwconv": (2042, CROP // 8)}
 STEP_CASES = {"cpl 64px b2": (64, 2), "cpl 128px b1": (128, 1)}
 MODES = ("fwd", "bwd", "full")
 
@@ -112,6 +119,13 @@ def _attn_inputs(case):
     gen = torch.Generator().manual_seed(0)
     qkv = [torch.randn(BATCH, heads, channels, size * size, generator=gen).to(DEVICE) for _ in range(3)]
     return [*qkv, (torch.rand(heads, 1, 1, generator=gen) + 0.5).to(DEVICE)]
+
+
+def _dw_inputs(case):
+    channels, size = DW_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randn(BATCH, channels, size, size, generator=gen).to(DEVICE),
+            (torch.randn(channels, 1, 3, 3, generator=gen) / 3).to(DEVICE)]
 
 
 def _bytes_moved(op, inputs, mode):
@@ -212,6 +226,16 @@ def test_channel_attention(benchmark, peak_memory, copy_bandwidth, op_provider, 
     fn = op_provider(provider, channel_attention_reference, lambda name: channel_attention)
     _run_op(benchmark, peak_memory, copy_bandwidth, "channel_attention", case, provider, mode, fn,
             _attn_inputs(case))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", ["reference", "compile", fused_provider(DW_DISPATCHER, "cpu", DEVICE)])
+@pytest.mark.parametrize("case", list(DW_CASES))
+def test_depthwise_conv3x3(benchmark, peak_memory, copy_bandwidth, op_provider, case, provider, mode):
+    fn = op_provider(provider, depthwise_conv3x3_reference,
+                     lambda name: lambda x, w: depthwise_conv3x3(x, w, backend=name))
+    _run_op(benchmark, peak_memory, copy_bandwidth, "depthwise_conv3x3", case, provider, mode, fn,
+            _dw_inputs(case))
 
 
 # --- the backbone's L1 step ------------------------------------------------------------------------
@@ -334,7 +358,7 @@ def test_backbone_targets(bench_notes):
                  f"on {os.cpu_count()} cores.")
     written = 0
     for op, name in (("channel_layernorm", fused), ("gated_gelu", fused), ("pointwise_conv", "gemm"),
-                     ("channel_attention", "written")):
+                     ("channel_attention", "written"), ("depthwise_conv3x3", fused)):
         lines = _op_targets(op, name)
         if lines:
             bench_notes[op].extend(["", f"### Targets ({name} provider)", "", *lines, "", load_line])

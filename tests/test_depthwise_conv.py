@@ -150,3 +150,24 @@ def test_backward_is_deterministic():
     second = torch.autograd.grad(depthwise_conv3x3(x, weight, backend="cpu"), (x, weight), grad)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("width", [8, 40])          # the flat (masked) and the row paths
+def test_non_finite_values_stay_in_their_neighbourhood(width):
+    """An infinity in a border column reaches only the outputs (and taps) the convolution gives it, as in
+    F.conv2d: the flat path's wrapped neighbours are masked, not multiplied by zero."""
+    backend_or_skip(DISPATCHER, "cpu", "cpu")
+    x = torch.randn(1, 2, 6, width, dtype=torch.float64)
+    x[0, 0, 2, width - 1] = float("inf")
+    x[0, 1, 3, 0] = float("-inf")
+    weight = torch.rand(2, 1, 3, 3, dtype=torch.float64) + 0.1
+    grad = torch.randn(1, 2, 6, width, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    got = [depthwise_conv3x3(*leaves, backend="cpu"), *torch.autograd.grad(
+        depthwise_conv3x3(*leaves, backend="cpu"), leaves, grad)]
+    leaves = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    want = [depthwise_conv3x3_reference(*leaves), *torch.autograd.grad(
+        depthwise_conv3x3_reference(*leaves), leaves, grad)]
+    assert torch.isfinite(want[0][0, 0, 3, 0]) and torch.isfinite(want[0][0, 1, 2, width - 1])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-12, atol=1e-12)

@@ -5,13 +5,17 @@
 //   grad_w[c, p, q] = sum_{b, i, j} grad_out[b, c, i, j] x[b, c, i + p - 1, j + q - 1]
 //
 // The 3x3 depthwise convolution of Restormer's attention (qkv_dwconv) and feed-forward network (dwconv): stride
-// 1, padding 1, no bias, on NCHW maps. Every (b, c) plane is computed on its own, row by row, from the three
-// input rows it touches, so a plane is read once and stays in the first-level cache; the row interior (every
-// column but the first and last) is one unit-stride loop that the compiler vectorises, the two border columns
-// are written out. The backward reads grad_out and x once per plane and produces grad_x and that plane's share
-// of grad_w together; it runs over channels (every batch element of a channel in one task), so grad_w needs
-// no reduction across threads and is deterministic. grad_w's float32 partial sums are added in float64 every
-// 2048 terms (a 128x128 map sums 16k products per weight and batch element).
+// 1, padding 1, no bias, on NCHW maps. Every (b, c) plane is computed on its own, so it stays in the first- or
+// second-level cache. A plane at least 32 wide goes row by row: each output row from the three input rows it
+// touches, its interior one vectorised loop, the border columns written out. A narrower plane, and grad_w at
+// every width, is one flat array (rows of 8 or 16 would leave the loops mostly in their
+// remainders): element n = i W + j takes its row neighbours at n -+ W and its column neighbours at n -+ 1; the
+// plane is first copied into a buffer with a zero row above and below (one memcpy), and the column neighbours
+// that the flat view takes from the next or previous row (left of j = 0, right of j = W - 1) are cleared by a
+// bit mask, not a multiply, so an infinity or NaN there cannot leak into a column it does not touch. The backward reads grad_out and x once
+// per plane and produces grad_x and that plane's share of grad_w together; it runs over channels (every batch
+// element of a channel in one task), so grad_w needs no reduction across threads and is deterministic.
+// grad_w's float32 partial sums are added in float64 every 2048 terms (a 128x128 map sums 16k products per weight and batch element).
 //
 // float32 loops are compiled for AVX-512, AVX2 and the baseline x86-64, chosen at load time; float64 is the
 // same code in double; bfloat16 is widened to float32 and the results rounded back.
@@ -23,6 +27,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../depthwise_conv_checks.h"
@@ -35,6 +41,97 @@
 
 namespace cpl_fast {
 namespace {
+
+template <typename T>
+using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+
+// value where mask is all ones, +0 where it is zero (helpers force-inlined: GCC does not inline ordinary
+// functions into the target_clones versions of the loops).
+template <typename T>
+__attribute__((always_inline)) inline T keep(T value, Bits<T> mask) {
+  Bits<T> bits;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits &= mask;
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// out[n] for one plane. mid: the plane inside a buffer with zero rows (W elements and one more) on both sides;
+// left/right: all ones where column j - 1 / j + 1 exists (j > 0 / j < W - 1).
+template <typename T>
+__attribute__((always_inline)) inline void conv_flat_body(const T* __restrict__ mid, const Bits<T>* __restrict__ left,
+                                                          const Bits<T>* __restrict__ right, const T* w,
+                                                          T* __restrict__ out, int64_t HW, int64_t W) {
+  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
+  const T* up = mid - W;
+  const T* down = mid + W;
+#pragma omp simd
+  for (int64_t n = 0; n < HW; ++n) {
+    const T l = w0 * up[n - 1] + w3 * mid[n - 1] + w6 * down[n - 1];
+    const T c = w1 * up[n] + w4 * mid[n] + w7 * down[n];
+    const T r = w2 * up[n + 1] + w5 * mid[n + 1] + w8 * down[n + 1];
+    out[n] = keep(l, left[n]) + c + keep(r, right[n]);
+  }
+}
+
+constexpr int64_t kBlock = 2048;  // grad_w's float32 partial sums are added into float64 every this many terms
+
+// grad_w's nine sums for one plane, added to sums[3 p + q]: sum_n g[n] x[n + (p - 1) W + q - 1], the q = 0 / 2
+// products masked where the column does not exist. x: padded as in conv_flat_body.
+template <typename T>
+__attribute__((always_inline)) inline void wgrad_flat_body(const T* __restrict__ g, const T* __restrict__ x,
+                                                           const Bits<T>* __restrict__ left,
+                                                           const Bits<T>* __restrict__ right, int64_t HW, int64_t W,
+                                                           double* sums) {
+  for (int64_t p = 0; p < 3; ++p) {
+    const T* xr = x + (p - 1) * W;
+    for (int64_t start = 0; start < HW; start += kBlock) {
+      const int64_t stop = std::min(HW, start + kBlock);
+      T s0 = 0, s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2)
+      for (int64_t n = start; n < stop; ++n) {
+        const T gn = g[n];
+        s0 += keep(gn * xr[n - 1], left[n]);
+        s1 += gn * xr[n];
+        s2 += keep(gn * xr[n + 1], right[n]);
+      }
+      sums[3 * p] += static_cast<double>(s0);
+      sums[3 * p + 1] += static_cast<double>(s1);
+      sums[3 * p + 2] += static_cast<double>(s2);
+    }
+  }
+}
+
+CPL_FAST_SIMD_CLONES
+void conv_flat_f32(const float* mid, const uint32_t* left, const uint32_t* right, const float* w, float* out,
+                   int64_t HW, int64_t W) {
+  conv_flat_body(mid, left, right, w, out, HW, W);
+}
+void conv_flat(const float* mid, const uint32_t* left, const uint32_t* right, const float* w, float* out,
+               int64_t HW, int64_t W) {
+  conv_flat_f32(mid, left, right, w, out, HW, W);
+}
+void conv_flat(const double* mid, const uint64_t* left, const uint64_t* right, const double* w, double* out,
+               int64_t HW, int64_t W) {
+  conv_flat_body(mid, left, right, w, out, HW, W);
+}
+
+CPL_FAST_SIMD_CLONES
+void wgrad_flat_f32(const float* g, const float* x, const uint32_t* left, const uint32_t* right, int64_t HW,
+                    int64_t W, double* sums) {
+  wgrad_flat_body(g, x, left, right, HW, W, sums);
+}
+void wgrad_flat(const float* g, const float* x, const uint32_t* left, const uint32_t* right, int64_t HW, int64_t W,
+                double* sums) {
+  wgrad_flat_f32(g, x, left, right, HW, W, sums);
+}
+void wgrad_flat(const double* g, const double* x, const uint64_t* left, const uint64_t* right, int64_t HW,
+                int64_t W, double* sums) {
+  wgrad_flat_body(g, x, left, right, HW, W, sums);
+}
+
+// Planes at least this wide are computed row by row (no masks to read; rows long enough to vectorise).
+constexpr int64_t kRowWidth = 32;
 
 // One output row from the three input rows above, at and below it (`up`/`down` point at a zero row on the
 // border). Force-inlined so that each target_clones version of the callers gets its own vector code.
@@ -67,170 +164,40 @@ __attribute__((always_inline)) inline void conv_plane_body(const T* x, const T* 
   }
 }
 
-constexpr int64_t kBlock = 2048;  // grad_w's float32 partial sums are added into float64 every this many terms
-
-// grad_w's nine sums for one plane, added to sums[3 p + q]. With the plane read as one flat array of H W
-// elements, the tap (p, q) pairs grad element n with input element n + (p - 1) W + (q - 1): one long
-// unit-stride product per row shift p (three column shifts at once), whatever the plane's width, instead of
-// H short rows. Taken flat, the first and last columns also pair with the neighbouring row's far column
-// (q = 0 at j = 0, q = 2 at j = W - 1); those H terms per shift are subtracted after.
-template <typename T>
-__attribute__((always_inline)) inline void wgrad_plane_body(const T* __restrict__ g, const T* __restrict__ x,
-                                                            int64_t H, int64_t W, double* sums) {
-  const int64_t n_all = H * W;
-  for (int64_t p = 0; p < 3; ++p) {
-    const int64_t shift = (p - 1) * W;
-    // [lo, hi): every n whose three partners n + shift - 1 .. n + shift + 1 lie in the plane.
-    const int64_t lo = std::min(n_all, std::max<int64_t>(0, 1 - shift));
-    const int64_t hi = std::max(lo, std::min(n_all, n_all - shift - 1));
-    double a[3] = {0.0, 0.0, 0.0};
-    for (int64_t start = lo; start < hi; start += kBlock) {
-      const int64_t stop = std::min(hi, start + kBlock);
-      T s0 = 0, s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2)
-      for (int64_t n = start; n < stop; ++n) {
-        const T gn = g[n];
-        s0 += gn * x[n + shift - 1];
-        s1 += gn * x[n + shift];
-        s2 += gn * x[n + shift + 1];
-      }
-      a[0] += static_cast<double>(s0);
-      a[1] += static_cast<double>(s1);
-      a[2] += static_cast<double>(s2);
-    }
-    const auto tail = [&](int64_t n) {
-      for (int64_t q = 0; q < 3; ++q) {
-        const int64_t m = n + shift + q - 1;
-        if (m >= 0 && m < n_all) a[q] += static_cast<double>(g[n]) * static_cast<double>(x[m]);
-      }
-    };
-    for (int64_t n = 0; n < lo; ++n) tail(n);
-    for (int64_t n = hi; n < n_all; ++n) tail(n);
-    if (W == 1) {
-      a[0] = a[2] = 0.0;  // every column is a border column: only the centre column of the kernel acts
-    } else {
-      for (int64_t i = 0; i < H; ++i) {
-        const int64_t first = i * W, last = i * W + W - 1;
-        if (first + shift - 1 >= 0 && first + shift - 1 < n_all)
-          a[0] -= static_cast<double>(g[first]) * static_cast<double>(x[first + shift - 1]);
-        if (last + shift + 1 >= 0 && last + shift + 1 < n_all)
-          a[2] -= static_cast<double>(g[last]) * static_cast<double>(x[last + shift + 1]);
-      }
-    }
-    for (int64_t q = 0; q < 3; ++q) sums[3 * p + q] += a[q];
-  }
-}
-
 CPL_FAST_SIMD_CLONES
-void conv_plane_f32(const float* x, const float* w, float* out, int64_t H, int64_t W, const float* zero) {
+void conv_rows_f32(const float* x, const float* w, float* out, int64_t H, int64_t W, const float* zero) {
   conv_plane_body(x, w, out, H, W, zero);
 }
-void conv_plane(const float* x, const float* w, float* out, int64_t H, int64_t W, const float* zero) {
-  conv_plane_f32(x, w, out, H, W, zero);
+void conv_rows(const float* x, const float* w, float* out, int64_t H, int64_t W, const float* zero) {
+  conv_rows_f32(x, w, out, H, W, zero);
 }
-void conv_plane(const double* x, const double* w, double* out, int64_t H, int64_t W, const double* zero) {
+void conv_rows(const double* x, const double* w, double* out, int64_t H, int64_t W, const double* zero) {
   conv_plane_body(x, w, out, H, W, zero);
 }
-
-CPL_FAST_SIMD_CLONES
-void wgrad_plane_f32(const float* g, const float* x, int64_t H, int64_t W, double* sums) {
-  wgrad_plane_body(g, x, H, W, sums);
-}
-void wgrad_plane(const float* g, const float* x, int64_t H, int64_t W, double* sums) {
-  wgrad_plane_f32(g, x, H, W, sums);
-}
-void wgrad_plane(const double* g, const double* x, int64_t H, int64_t W, double* sums) {
-  wgrad_plane_body(g, x, H, W, sums);
-}
-
-// Small planes (width below kRowWidth) go through a zero-padded copy of (H + 2) x (W + 2): tap (p, q) of padded
-// element m is element m + (p - 1)(W + 2) + (q - 1), so the whole plane is one long unit-stride loop with no
-// border cases (rows of 8 or 16 would leave the vector loops mostly in their remainders). The loop also
-// computes the padding columns, which are dropped when the rows are copied out.
-constexpr int64_t kRowWidth = 32;
-
+// The column masks of an H x W plane, shared by every plane of a call.
 template <typename T>
-__attribute__((always_inline)) inline void pad_plane(const T* src, int64_t H, int64_t W, T* pad) {
-  const int64_t P = W + 2;
-  for (int64_t i = 0; i < H; ++i) std::copy(src + i * W, src + i * W + W, pad + (i + 1) * P + 1);
-}
-
-// out_pad[m] for the interior rows; pad must hold zeros outside the copied plane.
-template <typename T>
-__attribute__((always_inline)) inline void conv_padded_body(const T* __restrict__ pad, const T* w,
-                                                            T* __restrict__ out_pad, int64_t H, int64_t W) {
-  const int64_t P = W + 2;
-  const T w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3], w4 = w[4], w5 = w[5], w6 = w[6], w7 = w[7], w8 = w[8];
-  const T* up = pad - P;
-  const T* down = pad + P;
-#pragma omp simd
-  for (int64_t m = P + 1; m < (H + 1) * P - 1; ++m) {
-    out_pad[m] = (w0 * up[m - 1] + w1 * up[m] + w2 * up[m + 1]) + (w3 * pad[m - 1] + w4 * pad[m] + w5 * pad[m + 1]) +
-                 (w6 * down[m - 1] + w7 * down[m] + w8 * down[m + 1]);
-  }
-}
-
-// grad_w's nine sums from padded grad and input planes (the grad's padding, zero, cancels every product with
-// a padding element of the input's frame, so no border terms are needed).
-template <typename T>
-__attribute__((always_inline)) inline void wgrad_padded_body(const T* __restrict__ gpad, const T* __restrict__ xpad,
-                                                             int64_t H, int64_t W, double* sums) {
-  const int64_t P = W + 2;
-  for (int64_t p = 0; p < 3; ++p) {
-    const T* xr = xpad + (p - 1) * P;
-    double a[3] = {0.0, 0.0, 0.0};
-    for (int64_t start = P + 1; start < (H + 1) * P - 1; start += kBlock) {
-      const int64_t stop = std::min((H + 1) * P - 1, start + kBlock);
-      T s0 = 0, s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2)
-      for (int64_t m = start; m < stop; ++m) {
-        const T gm = gpad[m];
-        s0 += gm * xr[m - 1];
-        s1 += gm * xr[m];
-        s2 += gm * xr[m + 1];
-      }
-      a[0] += static_cast<double>(s0);
-      a[1] += static_cast<double>(s1);
-      a[2] += static_cast<double>(s2);
+struct ColumnMasks {
+  std::vector<Bits<T>> left, right;
+  ColumnMasks(int64_t H, int64_t W) : left(H * W), right(H * W) {
+    for (int64_t n = 0; n < H * W; ++n) {
+      const int64_t j = n % W;
+      left[n] = j > 0 ? ~Bits<T>(0) : Bits<T>(0);
+      right[n] = j + 1 < W ? ~Bits<T>(0) : Bits<T>(0);
     }
-    for (int64_t q = 0; q < 3; ++q) sums[3 * p + q] += a[q];
   }
-}
-
-CPL_FAST_SIMD_CLONES
-void conv_padded_f32(const float* pad, const float* w, float* out_pad, int64_t H, int64_t W) {
-  conv_padded_body(pad, w, out_pad, H, W);
-}
-void conv_padded(const float* pad, const float* w, float* out_pad, int64_t H, int64_t W) {
-  conv_padded_f32(pad, w, out_pad, H, W);
-}
-void conv_padded(const double* pad, const double* w, double* out_pad, int64_t H, int64_t W) {
-  conv_padded_body(pad, w, out_pad, H, W);
-}
-CPL_FAST_SIMD_CLONES
-void wgrad_padded_f32(const float* gpad, const float* xpad, int64_t H, int64_t W, double* sums) {
-  wgrad_padded_body(gpad, xpad, H, W, sums);
-}
-void wgrad_padded(const float* gpad, const float* xpad, int64_t H, int64_t W, double* sums) {
-  wgrad_padded_f32(gpad, xpad, H, W, sums);
-}
-void wgrad_padded(const double* gpad, const double* xpad, int64_t H, int64_t W, double* sums) {
-  wgrad_padded_body(gpad, xpad, H, W, sums);
-}
-
-// Per-task scratch of three padded planes (input, grad, output), zeroed once: the copies only ever write the
-// interior, and the output's padding columns are never read.
-template <typename T>
-struct PaddedScratch {
-  std::vector<T> x, g, out;
-  PaddedScratch(int64_t H, int64_t W) : x((H + 2) * (W + 2), T(0)), g(x.size(), T(0)), out(x.size(), T(0)) {}
 };
 
+// A plane with a zero row (and one element more) on each side; only the plane's own span is ever rewritten.
 template <typename T>
-void copy_out(const T* out_pad, int64_t H, int64_t W, T* dst) {
-  const int64_t P = W + 2;
-  for (int64_t i = 0; i < H; ++i) std::copy(out_pad + (i + 1) * P + 1, out_pad + (i + 1) * P + 1 + W, dst + i * W);
-}
+struct PaddedPlane {
+  std::vector<T> buf;
+  int64_t HW, W;
+  PaddedPlane(int64_t H, int64_t W_) : buf((H + 2) * W_ + 2, T(0)), HW(H * W_), W(W_) {}
+  const T* load(const T* plane) {
+    std::memcpy(buf.data() + 1 + W, plane, HW * sizeof(T));
+    return buf.data() + 1 + W;
+  }
+};
 
 // Planes per task: about 16k elements, at least one plane.
 int64_t plane_grain(int64_t plane) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(plane, 1)); }
@@ -245,24 +212,26 @@ at::Tensor depthwise_conv3x3_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   check_depthwise_conv3x3_input(x_in, weight_in);
   const at::Tensor x = compute_tensor(x_in), weight = compute_tensor(weight_in);
   at::Tensor out = at::empty(x.sizes(), x.options());
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   if (out.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv3x3_cpu", [&] {
       const scalar_t* x_p = x.const_data_ptr<scalar_t>();
       const scalar_t* w_p = weight.const_data_ptr<scalar_t>();
       scalar_t* o_p = out.mutable_data_ptr<scalar_t>();
-      const std::vector<scalar_t> zero(W, scalar_t(0));
-      at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t begin, int64_t end) {
-        if (W >= kRowWidth) {
+      if (W >= kRowWidth) {
+        const std::vector<scalar_t> zero(W, scalar_t(0));
+        at::parallel_for(0, B * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
           for (int64_t plane = begin; plane < end; ++plane)
-            conv_plane(x_p + plane * H * W, w_p + (plane % C) * 9, o_p + plane * H * W, H, W, zero.data());
-          return;
-        }
-        PaddedScratch<scalar_t> scratch(H, W);
+            conv_rows(x_p + plane * HW, w_p + (plane % C) * 9, o_p + plane * HW, H, W, zero.data());
+        });
+        return;
+      }
+      const ColumnMasks<scalar_t> masks(H, W);
+      at::parallel_for(0, B * C, plane_grain(HW), [&](int64_t begin, int64_t end) {
+        PaddedPlane<scalar_t> pad(H, W);
         for (int64_t plane = begin; plane < end; ++plane) {
-          pad_plane(x_p + plane * H * W, H, W, scratch.x.data());
-          conv_padded(scratch.x.data(), w_p + (plane % C) * 9, scratch.out.data(), H, W);
-          copy_out(scratch.out.data(), H, W, o_p + plane * H * W);
+          conv_flat(pad.load(x_p + plane * HW), masks.left.data(), masks.right.data(), w_p + (plane % C) * 9,
+                    o_p + plane * HW, HW, W);
         }
       });
     });
@@ -276,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv3x3_backward_cpu(const at::Tens
   const at::Tensor x = compute_tensor(x_in), weight = compute_tensor(weight_in), grad = compute_tensor(grad_in);
   at::Tensor grad_x = at::empty(x.sizes(), x.options());
   at::Tensor grad_w = at::zeros(weight.sizes(), weight.options());
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), HW = H * W;
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "depthwise_conv3x3_backward_cpu", [&] {
       const scalar_t* x_p = x.const_data_ptr<scalar_t>();
@@ -284,25 +253,25 @@ std::tuple<at::Tensor, at::Tensor> depthwise_conv3x3_backward_cpu(const at::Tens
       const scalar_t* g_p = grad.const_data_ptr<scalar_t>();
       scalar_t* gx_p = grad_x.mutable_data_ptr<scalar_t>();
       scalar_t* gw_p = grad_w.mutable_data_ptr<scalar_t>();
+      const bool rows = W >= kRowWidth;
+      const ColumnMasks<scalar_t> masks(H, W);
       const std::vector<scalar_t> zero(W, scalar_t(0));
-      at::parallel_for(0, C, plane_grain(B * H * W), [&](int64_t begin, int64_t end) {
-        PaddedScratch<scalar_t> scratch(W >= kRowWidth ? 0 : H, W >= kRowWidth ? 0 : W);
+      at::parallel_for(0, C, plane_grain(B * HW), [&](int64_t begin, int64_t end) {
+        PaddedPlane<scalar_t> pad_g(rows ? 0 : H, W), pad_x(H, W);
         for (int64_t c = begin; c < end; ++c) {
           std::array<scalar_t, 9> flipped;
           for (int k = 0; k < 9; ++k) flipped[k] = w_p[c * 9 + 8 - k];
           std::array<double, 9> sums{};
           for (int64_t b = 0; b < B; ++b) {
-            const int64_t offset = (b * C + c) * H * W;
-            if (W >= kRowWidth) {
-              conv_plane(g_p + offset, flipped.data(), gx_p + offset, H, W, zero.data());
-              wgrad_plane(g_p + offset, x_p + offset, H, W, sums.data());
+            const int64_t offset = (b * C + c) * HW;
+            if (rows) {
+              conv_rows(g_p + offset, flipped.data(), gx_p + offset, H, W, zero.data());
             } else {
-              pad_plane(g_p + offset, H, W, scratch.g.data());
-              pad_plane(x_p + offset, H, W, scratch.x.data());
-              conv_padded(scratch.g.data(), flipped.data(), scratch.out.data(), H, W);
-              copy_out(scratch.out.data(), H, W, gx_p + offset);
-              wgrad_padded(scratch.g.data(), scratch.x.data(), H, W, sums.data());
+              conv_flat(pad_g.load(g_p + offset), masks.left.data(), masks.right.data(), flipped.data(),
+                        gx_p + offset, HW, W);
             }
+            wgrad_flat(g_p + offset, pad_x.load(x_p + offset), masks.left.data(), masks.right.data(), HW, W,
+                       sums.data());
           }
           for (int k = 0; k < 9; ++k) gw_p[c * 9 + k] = static_cast<scalar_t>(sums[k]);
         }
