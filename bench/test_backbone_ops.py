@@ -16,8 +16,8 @@ Ops (groups ``<op>-fwd|bwd|full``), at the shapes the ``cpl`` model (dim 48, 64x
 Providers: ``reference`` (cpl_fast.ops._reference: the published composite, ``F.conv2d`` for the 1x1
 convolution), ``compile`` (torch.compile of the reference), and the fused backends ``cpu``, ``triton`` and
 ``cuda`` (each skipped with the dispatcher's reasons where it cannot run; ``triton`` and ``cuda`` carry the
-``gpu`` marker; ``depthwise_conv3x3`` has the ``cpu`` one only). ``pointwise_conv`` has one fused provider, ``gemm`` (the batched GEMM the model uses on the
-CPU; on a GPU the model keeps ``F.conv2d``), ``channel_attention`` one too, ``written`` (the written-out
+``gpu`` marker; ``depthwise_conv3x3`` has the ``cpu`` one only). ``pointwise_conv`` has one fused
+provider, ``gemm`` (the batched GEMM the model uses on the CPU; on a GPU the model keeps ``F.conv2d``), ``channel_attention`` one too, ``written`` (the written-out
 backward the model uses). ``fwd`` times the forward without autograd; ``bwd`` the backward
 alone (the forward runs in the round's setup); ``full`` both.
 
