@@ -14,6 +14,9 @@ The rule used here (:data:`RULE`, printed beside every count in bench/results/):
 * its backward costs that same amount once for the input gradient and once for the weight gradient,
   each only when asked for (``output_mask``): every multiply-add of the forward appears exactly once
   in each of the two gradient products. Bias gradients, like biases, are not counted;
+* cpl_fast's ``depthwise_conv3x3`` (the blocks' depthwise convolutions in the fused model) is counted
+  as the convolution it computes: ``2 N C 9 H W`` forward, twice that backward (input and weight
+  gradients, which its backward always computes);
 * everything else is torch's registry (matrix products ``2 m n k``, attention); elementwise work,
   norms and resizes are not counted.
 
@@ -28,7 +31,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 RULE = ("FLOPs = 2 per multiply-add; convolution backward = the forward's FLOPs once per gradient "
-        "asked for (input, weight), groups counted (bench/flops.py); torch.utils.flop_counter for the rest")
+        "asked for (input, weight), groups counted, cpl_fast's depthwise op as the convolution it computes "
+        "(bench/flops.py); torch.utils.flop_counter for the rest")
 
 
 def conv_flops(x_shape, w_shape, out_shape, transposed: bool) -> int:
@@ -46,10 +50,29 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
     return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
 
 
+def depthwise_conv3x3_flops(x_shape, _w_shape, out_shape=None, **_kwargs) -> int:
+    """FLOPs of ``cpl_fast::depthwise_conv3x3``: one 3x3 multiply-add per channel and output position."""
+    return 2 * prod(x_shape) * 9
+
+
+def depthwise_conv3x3_backward_flops(_grad_shape, x_shape, _w_shape, out_shape=None, **_kwargs) -> int:
+    """FLOPs of ``cpl_fast::_depthwise_conv3x3_backward``: the forward's once each for grad_x and grad_weight."""
+    return 2 * depthwise_conv3x3_flops(x_shape, None)
+
+
+def _custom_mapping() -> dict:
+    mapping = {torch.ops.aten.convolution_backward: conv_backward_flops}
+    import cpl_fast.ops  # noqa: F401  (loads the extension, which registers the cpl_fast ops)
+
+    if hasattr(torch.ops.cpl_fast, "depthwise_conv3x3"):
+        mapping[torch.ops.cpl_fast.depthwise_conv3x3] = depthwise_conv3x3_flops
+        mapping[torch.ops.cpl_fast._depthwise_conv3x3_backward] = depthwise_conv3x3_backward_flops
+    return mapping
+
+
 def flop_counter() -> FlopCounterMode:
     """A ``FlopCounterMode`` (no display) that counts convolution backwards by :data:`RULE`."""
-    return FlopCounterMode(display=False,
-                           custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+    return FlopCounterMode(display=False, custom_mapping=_custom_mapping())
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -64,6 +64,22 @@ def test_depthwise_conv():
     assert bwd == 2 * 72 * 72 + 2 * 576 * 9 == 2 * fwd
 
 
+def test_cpl_fast_depthwise_op_counts_as_the_convolution():
+    """The fused model's depthwise convolutions (cpl_fast::depthwise_conv3x3) count as the module they replace."""
+    from cpl_fast.models.restormer import DepthwiseConv3x3
+    from cpl_fast.ops.depthwise_conv import DISPATCHER
+
+    if DISPATCHER.kernels.load_error is not None:
+        pytest.skip(DISPATCHER.kernels.load_error)
+    conv = DepthwiseConv3x3(8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    fwd, bwd = forward_and_backward(conv, x)
+    assert fwd == 2 * 576 * 9 == 10368
+    assert bwd == 2 * fwd
+    conv.ops = "reference"
+    assert forward_and_backward(conv, x) == (fwd, bwd)
+
+
 def test_grouped_conv():
     conv = nn.Conv2d(6, 4, 3, groups=2)
     x = torch.randn(1, 6, 7, 7, requires_grad=True)

@@ -32,12 +32,7 @@
 #include <vector>
 
 #include "../depthwise_conv_checks.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CPL_FAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CPL_FAST_SIMD_CLONES
-#endif
+#include "../../simd_clones.h"
 
 namespace cpl_fast {
 namespace {

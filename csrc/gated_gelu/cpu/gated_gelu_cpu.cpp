@@ -23,14 +23,7 @@
 #include <cstring>
 
 #include "../gated_gelu_checks.h"
-
-// x86-64 builds carry AVX-512 and AVX2 versions of the float32 loops (GCC and clang pick one when the library
-// loads); elsewhere the loops are compiled for the build's own target.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define CPL_FAST_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CPL_FAST_SIMD_CLONES
-#endif
+#include "../../simd_clones.h"
 
 namespace cpl_fast {
 namespace {
