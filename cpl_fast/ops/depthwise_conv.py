@@ -2,11 +2,11 @@
 
 ``F.conv2d(x, weight, padding=1, groups=C)`` for ``x (B, C, H, W)`` and ``weight (C, 1, 3, 3)``: stride 1, no
 bias. On the CPU, PyTorch sends it to oneDNN, whose NCHW depthwise convolution was measured at 3-7 GFLOP/s
-forward and slower still backward at the model's shapes (a step of the ``cpl`` model spent a quarter of its
-time there, bench/results/depthwise_conv_cpu-1threads.md). The C++ kernels compute each (b, c) plane on its
-own from the rows it touches (planes narrower than 32 through a zero-padded copy), and the backward produces
-``grad_x`` and that plane's share of ``grad_weight`` in one pass over ``grad_out`` and ``x``, per channel, so
-without atomics.
+forward and slower still backward at the model's shapes (a one-thread step of the ``cpl`` model spent a
+quarter of its time there; bench/results/depthwise_conv3x3_cpu-1threads.md). The C++ kernels compute each
+(b, c) plane on its own: row by row when it is at least 32 wide, else as one flat loop with the wrapped column
+neighbours masked; the backward produces ``grad_x`` and that plane's share of ``grad_weight`` in one pass over
+``grad_out`` and ``x``, per channel, so without atomics.
 
 Backends: ``reference`` (:func:`cpl_fast.ops._reference.depthwise_conv3x3_reference`) and ``cpu`` (C++,
 float32/float64/bfloat16). On a GPU the reference runs (cuDNN's depthwise convolution; this op has no CUDA or

@@ -8,14 +8,15 @@
 // 1, padding 1, no bias, on NCHW maps. Every (b, c) plane is computed on its own, so it stays in the first- or
 // second-level cache. A plane at least 32 wide goes row by row: each output row from the three input rows it
 // touches, its interior one vectorised loop, the border columns written out. A narrower plane, and grad_w at
-// every width, is one flat array (rows of 8 or 16 would leave the loops mostly in their
-// remainders): element n = i W + j takes its row neighbours at n -+ W and its column neighbours at n -+ 1; the
-// plane is first copied into a buffer with a zero row above and below (one memcpy), and the column neighbours
-// that the flat view takes from the next or previous row (left of j = 0, right of j = W - 1) are cleared by a
-// bit mask, not a multiply, so an infinity or NaN there cannot leak into a column it does not touch. The backward reads grad_out and x once
-// per plane and produces grad_x and that plane's share of grad_w together; it runs over channels (every batch
-// element of a channel in one task), so grad_w needs no reduction across threads and is deterministic.
-// grad_w's float32 partial sums are added in float64 every 2048 terms (a 128x128 map sums 16k products per weight and batch element).
+// every width, is one flat array (rows of 8 or 16 would leave the loops mostly in their remainders): element
+// n = i W + j takes its row neighbours at n -+ W and its column neighbours at n -+ 1; the plane is first copied
+// into a buffer with a zero row above and below (one memcpy), and the column neighbours that the flat view
+// takes from the next or previous row (left of j = 0, right of j = W - 1) are cleared by a bit mask, not a
+// multiply, so an infinity or NaN there cannot leak into a column it does not touch. The backward reads
+// grad_out and x once per plane and produces grad_x and that plane's share of grad_w together; it runs over
+// channels (every batch element of a channel in one task), so grad_w needs no reduction across threads and is
+// deterministic. grad_w's float32 partial sums are added in float64 every 2048 terms (a 128x128 map sums 16k
+// products per weight and batch element).
 //
 // float32 loops are compiled for AVX-512, AVX2 and the baseline x86-64, chosen at load time; float64 is the
 // same code in double; bfloat16 is widened to float32 and the results rounded back.
@@ -150,7 +151,7 @@ __attribute__((always_inline)) inline void conv_row(const T* __restrict__ up, co
 }
 
 template <typename T>
-__attribute__((always_inline)) inline void conv_plane_body(const T* x, const T* w, T* out, int64_t H, int64_t W,
+__attribute__((always_inline)) inline void conv_rows_body(const T* x, const T* w, T* out, int64_t H, int64_t W,
                                                            const T* zero) {
   for (int64_t i = 0; i < H; ++i) {
     const T* up = i > 0 ? x + (i - 1) * W : zero;
@@ -161,14 +162,15 @@ __attribute__((always_inline)) inline void conv_plane_body(const T* x, const T* 
 
 CPL_FAST_SIMD_CLONES
 void conv_rows_f32(const float* x, const float* w, float* out, int64_t H, int64_t W, const float* zero) {
-  conv_plane_body(x, w, out, H, W, zero);
+  conv_rows_body(x, w, out, H, W, zero);
 }
 void conv_rows(const float* x, const float* w, float* out, int64_t H, int64_t W, const float* zero) {
   conv_rows_f32(x, w, out, H, W, zero);
 }
 void conv_rows(const double* x, const double* w, double* out, int64_t H, int64_t W, const double* zero) {
-  conv_plane_body(x, w, out, H, W, zero);
+  conv_rows_body(x, w, out, H, W, zero);
 }
+
 // The column masks of an H x W plane, shared by every plane of a call.
 template <typename T>
 struct ColumnMasks {
